@@ -1,0 +1,6 @@
+"""spinenet_jax: SpineNet backbones, RetinaNet and classifiers in JAX/Flax."""
+
+from spinenet_jax.models import Classifier, RetinaNet, build_model
+from spinenet_jax.spinenet import SpineNet
+
+__all__ = ['SpineNet', 'RetinaNet', 'Classifier', 'build_model']

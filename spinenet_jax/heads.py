@@ -1,0 +1,90 @@
+"""RetinaNet and classification heads (reference sections 3 and 8.3)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spinenet_jax import layers
+from spinenet_jax import resample
+
+CLASS_PRIOR = 0.01
+
+
+class RetinaNetHead(nn.Module):
+  """Class and box towers with convs shared across levels.
+
+  Each tower conv has one batch norm per level (Model Garden's
+  `classnet-conv-norm_{level}_{i}`). Outputs per level: class logits
+  `[B, H, W, A * num_classes]` (channel `a * num_classes + c`) and box deltas
+  `[B, H, W, A * 4]` (channel `a * 4 + k`, k in dy, dx, dh, dw).
+  """
+  num_classes: int = 91
+  num_anchors: int = 9
+  num_convs: int = 4
+  num_filters: int = 256
+  activation: str = 'swish'
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  dtype: Any = jnp.float32
+
+  def _tower(self, feats: dict[int, jax.Array], name: str, out: int,
+             bias_init, train: bool) -> dict[int, jax.Array]:
+    convs = [layers.Conv(self.num_filters, 3, use_bias=True,
+                         kernel_init=nn.initializers.normal(0.01),
+                         dtype=self.dtype, name=f'{name}_conv{i}')
+             for i in range(self.num_convs)]
+    predictor = layers.Conv(out, 3, use_bias=True,
+                            kernel_init=nn.initializers.normal(1e-5),
+                            bias_init=bias_init, dtype=self.dtype,
+                            name=f'{name}_predict')
+    act = layers.get_activation(self.activation)
+    outputs = {}
+    for level, x in feats.items():
+      for i, conv in enumerate(convs):
+        x = layers.BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype,
+                             name=f'{name}_norm{level}_{i}')(conv(x), train)
+        x = act(x)
+      outputs[level] = predictor(x).astype(jnp.float32)
+    return outputs
+
+  @nn.compact
+  def __call__(self, feats: dict[int, jax.Array],
+               train: bool = False) -> dict[str, dict[int, jax.Array]]:
+    prior = -math.log((1 - CLASS_PRIOR) / CLASS_PRIOR)
+    return {
+        'cls_outputs': self._tower(
+            feats, 'class', self.num_anchors * self.num_classes,
+            nn.initializers.constant(prior), train),
+        'box_outputs': self._tower(
+            feats, 'box', self.num_anchors * 4, nn.initializers.zeros, train),
+    }
+
+
+class ClassificationHead(nn.Module):
+  """Mean of all levels upsampled to the finest, global pool, dense layer.
+
+  The TPU SpineNet classifier's `aggregation='all'`: from the coarsest level,
+  nearest-resize to the next finer level and add, then divide by the number
+  of levels.
+  """
+  num_classes: int = 1001
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, feats: dict[int, jax.Array],
+               train: bool = False) -> jax.Array:
+    levels = sorted(feats, reverse=True)
+    x = feats[levels[0]]
+    for level in levels[1:]:
+      x = resample.resize_nearest(x, feats[level].shape[1:3], True) + feats[level]
+    x = (x / len(levels)).astype(jnp.float32).mean(axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
+                    dtype=self.dtype, param_dtype=jnp.float32,
+                    name='logits')(x).astype(jnp.float32)

@@ -1,0 +1,134 @@
+"""RetinaNet and classifier models, and `build_model(config)`."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spinenet_jax import heads
+from spinenet_jax import specs as specs_lib
+from spinenet_jax.spinenet import SpineNet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+          'float16': jnp.float16}
+
+
+class _WithBackbone(nn.Module):
+  """Fields shared by the models: which SpineNet and how it is configured."""
+  model_id: str = '49'
+  block_specs: Sequence[Any] | None = None
+  min_level: int = 3
+  max_level: int = 7
+  endpoints_num_filters: int | None = None
+  filter_size_scale: float | None = None
+  resample_alpha: float | None = None
+  block_repeats: int | None = None
+  activation: str = 'swish'
+  stochastic_depth_rate: float = 0.0
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  dtype: Any = jnp.float32
+
+  def scaling(self) -> specs_lib.Scaling:
+    return specs_lib.get_scaling(self.model_id)
+
+  def backbone(self, **kwargs) -> nn.Module:
+    return SpineNet(
+        model_id=self.model_id, block_specs=self.block_specs,
+        min_level=self.min_level, max_level=self.max_level,
+        endpoints_num_filters=self.endpoints_num_filters,
+        filter_size_scale=self.filter_size_scale,
+        resample_alpha=self.resample_alpha, block_repeats=self.block_repeats,
+        activation=self.activation,
+        stochastic_depth_rate=self.stochastic_depth_rate,
+        bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+        dtype=self.dtype, name='backbone', **kwargs)
+
+
+class RetinaNet(_WithBackbone):
+  """SpineNet + RetinaNet head; returns {'cls_outputs', 'box_outputs'}.
+
+  Each is a dict from level (min_level..max_level) to `[B, H_l, W_l, A * K]`,
+  with A = num_scales * len(aspect_ratios) anchors per location.
+  """
+  num_classes: int = 91
+  num_scales: int = 3
+  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
+  anchor_size: float | None = None
+  head_num_convs: int | None = None
+  head_num_filters: int | None = None
+
+  @property
+  def num_anchors(self) -> int:
+    return self.num_scales * len(self.aspect_ratios)
+
+  def anchor_config(self) -> dict[str, Any]:
+    """Keyword arguments for `detection.anchors.multilevel_anchors`."""
+    return dict(min_level=self.min_level, max_level=self.max_level,
+                num_scales=self.num_scales,
+                aspect_ratios=tuple(self.aspect_ratios),
+                anchor_size=(self.scaling().anchor_size
+                             if self.anchor_size is None else self.anchor_size))
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False):
+    feats = self.backbone()(images, train)
+    s = self.scaling()
+    return heads.RetinaNetHead(
+        self.num_classes, self.num_anchors,
+        s.head_num_convs if self.head_num_convs is None else self.head_num_convs,
+        s.head_num_filters if self.head_num_filters is None
+        else self.head_num_filters,
+        self.activation, self.bn_momentum, self.bn_epsilon, self.dtype,
+        name='head')(feats, train)
+
+
+class Classifier(_WithBackbone):
+  """SpineNet + classification head; returns float32 logits `[B, classes]`.
+
+  Input sizes need not divide by 2^max_level (e.g. 224): resampling then falls
+  back to nearest resizing, as in the original TPU implementation.
+  """
+  num_classes: int = 1001
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    feats = self.backbone(resize_fallback=True)(images, train)
+    return heads.ClassificationHead(self.num_classes, self.dropout_rate,
+                                    self.dtype, name='head')(feats, train)
+
+
+TASKS = {'retinanet': RetinaNet, 'classification': Classifier}
+
+
+def get_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f'Unknown dtype {name!r}; expected one of {sorted(DTYPES)}.')
+  return DTYPES[name]
+
+
+def build_model(config) -> nn.Module:
+  """Builds the model of `config.task` from `config.model` and `config.dtype`.
+
+  `config.task` is 'retinanet' or 'classification'; `config.model` holds the
+  model's fields (model_id, num_classes, block_specs, ...).
+  """
+  task = config.get('task', 'retinanet')
+  if task not in TASKS:
+    raise ValueError(f'Unknown task {task!r}; expected one of {sorted(TASKS)}.')
+  cls = TASKS[task]
+  kwargs = dict(config.get('model', {}))
+  fields = set(cls.__dataclass_fields__) - {'parent', 'name'}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f'Unknown config.model field(s) {unknown} for {task}; '
+                     f'known: {sorted(fields)}.')
+  for key in ('aspect_ratios', 'block_specs'):
+    if kwargs.get(key) is not None:
+      kwargs[key] = tuple(kwargs[key])
+  kwargs['dtype'] = get_dtype(config.get('dtype', 'float32'))
+  return cls(**kwargs)

@@ -1,0 +1,68 @@
+"""Cross-scale resampling between SpineNet blocks (reference section 1.6)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spinenet_jax import layers
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+  """3x3 stride-2 'SAME' max pool (padding never wins the max)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int],
+                   resize_fallback: bool = False) -> jax.Array:
+  """Nearest upsampling by an integer factor, as Model Garden does.
+
+  When `size` is not an integer multiple of the input, uses a nearest resize
+  if `resize_fallback` (the original TPU code's behaviour, needed for
+  classification at 224), and otherwise raises a ValueError.
+  """
+  h, w = x.shape[1:3]
+  if size[0] % h == 0 and size[1] % w == 0:
+    return jnp.repeat(jnp.repeat(x, size[0] // h, axis=1), size[1] // w, axis=2)
+  if not resize_fallback:
+    raise ValueError(f'Cannot upsample a {h}x{w} feature map to {size[0]}x'
+                     f'{size[1]} by an integer factor; use an input size '
+                     'divisible by 2^max_level.')
+  return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), 'nearest')
+
+
+class Resample(nn.Module):
+  """Resamples a parent feature to a target block's level and width.
+
+  1x1 conv to `alpha` of the parent's block filters, then a stride-2 3x3 conv
+  and repeated 3x3/2 max-pools (down) or nearest upsampling (up), then a 1x1
+  conv with batch norm and no activation to the target's channels.
+  """
+  parent_block_fn: str
+  target_channels: int
+  alpha: float = 0.5
+  activation: str = 'relu'
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  resize_fallback: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, size: tuple[int, int],
+               train: bool) -> jax.Array:
+    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+              dtype=self.dtype)
+    c = x.shape[-1]
+    if self.parent_block_fn == 'bottleneck':
+      c /= 4
+    c = int(c * self.alpha)
+    x = layers.ConvBN(c, 1, 1, self.activation, name='reduce', **kw)(x, train)
+    if x.shape[1] > size[0]:
+      x = layers.ConvBN(c, 3, 2, self.activation, name='down', **kw)(x, train)
+      while x.shape[1] > size[0]:
+        x = max_pool(x)
+    elif x.shape[1] < size[0]:
+      x = resize_nearest(x, size, self.resize_fallback)
+    return layers.ConvBN(self.target_channels, 1, 1, None, name='project',
+                         **kw)(x, train)

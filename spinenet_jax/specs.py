@@ -1,0 +1,208 @@
+"""SpineNet block specifications (scale permutations) and scaling maps, as data.
+
+A block specification is a sequence of ``(level, block_fn, (input0, input1),
+is_output)`` tuples. Inputs index a growing list of feature maps: entries 0 and
+1 are the two stem blocks and spec ``i`` produces entry ``i + 2``. See section
+1 of the engineering reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Sequence
+
+BLOCK_FNS = ('bottleneck', 'residual')
+
+# Channels of a block at each level before the bottleneck expansion (x4).
+FILTER_SIZE_MAP = {1: 32, 2: 64, 3: 128, 4: 256, 5: 256, 6: 256, 7: 256}
+
+
+class BlockSpec(NamedTuple):
+  level: int
+  block_fn: str
+  input_offsets: tuple[int, int]
+  is_output: bool
+
+
+def _spec(level, block_fn, inputs, is_output):
+  return BlockSpec(level, block_fn, tuple(inputs), is_output)
+
+
+# Model Garden's SPINENET_BLOCK_SPECS. The last entry (a level-2 output) is
+# outside the level 3..7 endpoints, so it carries no weights there; `plan`
+# prunes it. It is kept so that the stochastic depth rates use Model Garden's
+# denominator (16).
+SPINENET_BLOCK_SPECS = tuple(_spec(*s) for s in [
+    (2, 'bottleneck', (0, 1), False),
+    (4, 'residual', (0, 1), False),
+    (3, 'bottleneck', (2, 3), False),
+    (4, 'bottleneck', (2, 4), False),
+    (6, 'residual', (3, 5), False),
+    (4, 'bottleneck', (3, 5), False),
+    (5, 'residual', (6, 7), False),
+    (7, 'residual', (6, 8), False),
+    (5, 'bottleneck', (8, 9), False),
+    (5, 'bottleneck', (8, 10), False),
+    (4, 'bottleneck', (5, 10), True),
+    (3, 'bottleneck', (4, 10), True),
+    (5, 'bottleneck', (7, 12), True),
+    (7, 'bottleneck', (5, 14), True),
+    (6, 'bottleneck', (12, 14), True),
+    (2, 'bottleneck', (2, 13), True),
+])
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling:
+  """Width and depth of one SpineNet model id, with its RetinaNet head."""
+  endpoints_num_filters: int
+  filter_size_scale: float
+  resample_alpha: float
+  block_repeats: int
+  head_num_convs: int
+  head_num_filters: int
+  anchor_size: float
+
+
+# 49S uses 256-channel endpoints: that is what its published size (11.9M
+# params, 33.8B MACs) and released checkpoint have (reference section 1.9).
+SCALING_MAP = {
+    '49S': Scaling(256, 0.65, 0.5, 1, 4, 128, 3.0),
+    '49': Scaling(256, 1.0, 0.5, 1, 4, 256, 3.0),
+    '96': Scaling(256, 1.0, 0.5, 2, 4, 256, 3.0),
+    '143': Scaling(256, 1.0, 1.0, 3, 4, 256, 4.0),
+    '143L': Scaling(256, 1.3, 1.0, 3, 4, 256, 4.0),
+    '190': Scaling(512, 1.3, 1.0, 4, 7, 512, 4.0),
+}
+
+
+def get_scaling(model_id: str) -> Scaling:
+  """Returns the scaling of `model_id`, or raises a ValueError naming it."""
+  if model_id not in SCALING_MAP:
+    raise ValueError(f'Unknown SpineNet model id {model_id!r}; known ids: '
+                     f'{sorted(SCALING_MAP)}.')
+  return SCALING_MAP[model_id]
+
+
+def to_block_specs(specs: Sequence[Any]) -> tuple[BlockSpec, ...]:
+  """Converts config data (tuples, lists or dicts) to BlockSpecs."""
+  out = []
+  for i, s in enumerate(specs):
+    try:
+      if isinstance(s, dict) or hasattr(s, 'keys'):
+        s = (s['level'], s['block_fn'], s['input_offsets'], s['is_output'])
+      level, block_fn, inputs, is_output = s
+      inputs = tuple(int(j) for j in inputs)
+      if len(inputs) != 2:
+        raise ValueError
+    except (ValueError, TypeError, KeyError) as e:
+      raise ValueError(
+          f'Block spec {i} ({s!r}) is not (level, block_fn, (input0, input1), '
+          'is_output).') from e
+    out.append(BlockSpec(int(level), str(block_fn), inputs, bool(is_output)))
+  return tuple(out)
+
+
+def validate(specs: Sequence[BlockSpec], min_level: int = 3,
+             max_level: int = 7, block_fns: Sequence[str] = BLOCK_FNS,
+             num_stem: int = 2) -> None:
+  """Raises a ValueError naming the first bad block of a permutation."""
+  if not 1 <= min_level <= max_level <= 7:
+    raise ValueError(f'Need 1 <= min_level <= max_level <= 7, got min_level='
+                     f'{min_level}, max_level={max_level}.')
+  outputs = {}
+  for i, s in enumerate(specs):
+    name = f'Block {i} {tuple(s)}'
+    if not 1 <= s.level <= 7:
+      raise ValueError(f'{name}: level {s.level} is outside 1..7.')
+    if s.block_fn not in block_fns:
+      raise ValueError(f'{name}: unknown block type {s.block_fn!r}; expected '
+                       f'one of {tuple(block_fns)}.')
+    for j in s.input_offsets:
+      if not 0 <= j < i + num_stem:
+        raise ValueError(
+            f'{name}: input {j} refers to itself or a later block (block {i} '
+            f'is feature {i + num_stem}; it may only read features '
+            f'0..{i + num_stem - 1}, where 0..{num_stem - 1} are the stem).')
+    if s.is_output:
+      if s.level in outputs:
+        raise ValueError(f'{name}: duplicate output for level {s.level} (block '
+                         f'{outputs[s.level]} is already its output).')
+      outputs[s.level] = i
+  missing = [l for l in range(min_level, max_level + 1) if l not in outputs]
+  if missing:
+    raise ValueError(f'The block specs have no output block for level(s) '
+                     f'{missing}; every level in {min_level}..{max_level} '
+                     'needs one.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+  """One scale-permuted block as built: its parents and merged extras."""
+  index: int            # Feature index (spec index + number of stem blocks).
+  spec_index: int
+  level: int
+  block_fn: str
+  filters: int          # Block filters before bottleneck expansion.
+  channels: int         # Output channels.
+  inputs: tuple[int, int]
+  extras: tuple[int, ...]  # Unused same-shape blocks summed in (outputs only).
+
+
+def block_channels(block_fn: str, filters: int) -> int:
+  return 4 * filters if block_fn == 'bottleneck' else filters
+
+
+def plan(specs: Sequence[BlockSpec], filter_size_scale: float, min_level: int,
+         max_level: int, stem: Sequence[tuple[int, str, int]],
+         filter_size_map: dict[int, int] = FILTER_SIZE_MAP,
+         channels_fn=block_channels
+         ) -> tuple[list[Node], dict[int, int]]:
+  """Lays out the network: which blocks are built and what feeds each one.
+
+  Args:
+    specs: validated block specs.
+    filter_size_scale: width multiplier.
+    min_level, max_level: endpoint levels.
+    stem: (level, block_fn, channels) of each stem feature.
+    filter_size_map: base filters per level.
+    channels_fn: output channels of (block_fn, filters).
+
+  Returns:
+    The built nodes in order (blocks unreachable from the endpoints pruned,
+    like Keras does for Model Garden's dead level-2 block) and a map from
+    endpoint level to feature index.
+  """
+  levels = [l for l, _, _ in stem]
+  channels = [c for _, _, c in stem]
+  outdeg = [0] * len(stem)
+  nodes, endpoints = [], {}
+  for i, s in enumerate(specs):
+    filters = int(filter_size_map[s.level] * filter_size_scale)
+    ch = channels_fn(s.block_fn, filters)
+    for j in s.input_offsets:
+      outdeg[j] += 1
+    extras = []
+    if s.is_output:
+      for j in range(len(levels)):
+        if outdeg[j] == 0 and levels[j] == s.level and channels[j] == ch:
+          extras.append(j)
+          outdeg[j] += 1
+    index = len(levels)
+    nodes.append(Node(index, i, s.level, s.block_fn, filters, ch,
+                      tuple(s.input_offsets), tuple(extras)))
+    levels.append(s.level)
+    channels.append(ch)
+    outdeg.append(0)
+    if s.is_output and min_level <= s.level <= max_level:
+      endpoints[s.level] = index
+  # Keep only what the endpoints depend on.
+  by_index = {n.index: n for n in nodes}
+  needed, todo = set(), list(endpoints.values())
+  while todo:
+    k = todo.pop()
+    if k in needed or k not in by_index:
+      continue
+    needed.add(k)
+    todo.extend(by_index[k].inputs + by_index[k].extras)
+  return [n for n in nodes if n.index in needed], endpoints
