@@ -29,7 +29,10 @@ def resize_nearest(x: jax.Array, size: tuple[int, int],
     raise ValueError(f'Cannot upsample a {h}x{w} feature map to {size[0]}x'
                      f'{size[1]} by an integer factor; use an input size '
                      'divisible by 2^max_level.')
-  return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), 'nearest')
+  # tf.compat.v1.image.resize_nearest_neighbor: source index floor(i * in/out).
+  rows = (jnp.arange(size[0]) * h) // size[0]
+  cols = (jnp.arange(size[1]) * w) // size[1]
+  return x[:, rows][:, :, cols]
 
 
 class Resample(nn.Module):
@@ -63,6 +66,37 @@ class Resample(nn.Module):
       while x.shape[1] > size[0]:
         x = max_pool(x)
     elif x.shape[1] < size[0]:
+      x = resize_nearest(x, size, self.resize_fallback)
+    return layers.ConvBN(self.target_channels, 1, 1, None, name='project',
+                         **kw)(x, train)
+
+
+class SeparableResample(nn.Module):
+  """SpineNet-Mobile's `resample_with_sepconv` (reference section 2.4).
+
+  No 1x1 reduction first. Down: repeated depthwise 3x3 stride-2 conv -> BN ->
+  act (one per factor of 2, named `down0`, `down1`, ...); up: nearest
+  upsampling by an integer factor. Then a 1x1 conv with batch norm and no
+  activation to the target's channels.
+  """
+  target_channels: int
+  activation: str = 'relu'
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  resize_fallback: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, size: tuple[int, int],
+               train: bool) -> jax.Array:
+    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+              dtype=self.dtype)
+    k = 0
+    while x.shape[1] > size[0]:
+      x = layers.DepthwiseConvBN(3, 2, self.activation, name=f'down{k}',
+                                 **kw)(x, train)
+      k += 1
+    if x.shape[1] < size[0]:
       x = resize_nearest(x, size, self.resize_fallback)
     return layers.ConvBN(self.target_channels, 1, 1, None, name='project',
                          **kw)(x, train)

@@ -1,0 +1,112 @@
+"""Model summary: trainable parameters, multiply-adds and output shapes.
+
+  python -m spinenet_jax.summary --model=49 --task=retinanet --image_size=640
+
+MACs are counted from the model itself: the forward pass is traced to a jaxpr
+(no compilation) and every convolution and matmul in it contributes
+output elements x contraction size. Elementwise work (batch norm,
+activations, pooling) is not counted, as in the paper's FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spinenet_jax import models
+
+
+def _sub_jaxprs(params: dict[str, Any]):
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(v, 'jaxpr') and hasattr(v, 'consts'):  # ClosedJaxpr
+        yield v.jaxpr
+      elif hasattr(v, 'eqns'):  # Jaxpr
+        yield v
+
+
+def count_macs(jaxpr) -> int:
+  """Multiply-adds of all convolutions and dot products in a jaxpr."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, *spatial)
+      per_output = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+      total += math.prod(eqn.outvars[0].aval.shape) * per_output
+    elif name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += (math.prod(eqn.outvars[0].aval.shape) *
+                math.prod(lhs[d] for d in lhs_contract))
+    for sub in _sub_jaxprs(eqn.params):
+      total += count_macs(sub)
+  return total
+
+
+def summarize(model, image_size: int | tuple[int, int],
+              batch_size: int = 1) -> dict[str, Any]:
+  """Returns {'params', 'macs' (per image), 'outputs'} without running it."""
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  images = jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), images)
+  params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params']))
+  closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+      variables, images)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                       variables, images)
+  shapes = jax.tree.map(lambda a: list(a.shape), out)
+  return {'params': params, 'macs': count_macs(closed.jaxpr) // batch_size,
+          'outputs': _jsonable(shapes)}
+
+
+def _jsonable(tree):
+  if isinstance(tree, dict):
+    return {str(k): _jsonable(v) for k, v in tree.items()}
+  return tree
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', '49', 'SpineNet model id.')
+flags.DEFINE_enum('task', 'retinanet', ['retinanet', 'classification'], 'Model.')
+flags.DEFINE_integer('image_size', 640, 'Square input size.')
+flags.DEFINE_integer('num_classes', None, 'Classes (default 91 / 1001).')
+flags.DEFINE_string('dtype', 'float32', 'Compute dtype.')
+flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
+def main(argv):
+  del argv
+  kwargs = {'model_id': FLAGS.model, 'dtype': models.get_dtype(FLAGS.dtype)}
+  if FLAGS.num_classes is not None:
+    kwargs['num_classes'] = FLAGS.num_classes
+  model = models.TASKS[FLAGS.task](**kwargs)
+  s = summarize(model, FLAGS.image_size)
+  if FLAGS.json:
+    print(json.dumps(s))
+    return
+  print(f'SpineNet-{FLAGS.model} {FLAGS.task} at {FLAGS.image_size}x'
+        f'{FLAGS.image_size}, {model.num_classes} classes')
+  print(f'  trainable parameters: {s["params"]:,} ({s["params"] / 1e6:.2f}M)')
+  print(f'  multiply-adds:        {s["macs"]:,} ({s["macs"] / 1e9:.1f}B)')
+  outputs = s['outputs']
+  for key, value in (outputs.items() if isinstance(outputs, dict)
+                     else [('logits', outputs)]):
+    if isinstance(value, dict):
+      for level, shape in value.items():
+        print(f'  {key} level {level}: {shape}')
+    else:
+      print(f'  {key}: {value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
