@@ -1,0 +1,213 @@
+"""RetinaNet post-processing: candidate selection and per-class NMS, in JAX.
+
+Semantics of `detect` for each image (all static shapes, jit and vmap safe):
+
+1. Scores are `sigmoid(logits)` with class column 0 (background) dropped;
+   reported classes are the column indices, i.e. ids >= 1.
+2. Candidates are the `pre_nms_top_k` highest-scoring (anchor, class) pairs
+   over all anchors and classes, in descending score order. (Found exactly in
+   two steps: the top `pre_nms_top_k` anchors by their best class, then the
+   top pairs among those anchors.) Pairs scoring `<= score_threshold` are
+   dropped. Boxes are decoded against the anchors and clipped to the image.
+3. Greedy per-class NMS over the candidates in score order: a candidate is
+   kept if its IoU with every kept box *of the same class* is
+   `<= iou_threshold`; it stops after `max_detections` kept boxes.
+
+Model Garden (`nms_version='v2'`) takes the top `pre_nms_top_k` anchors per
+class, runs NMS per class and keeps the best `max_detections` over classes.
+Its candidate list is a superset of ours, and ours is its prefix in score
+order, so the results are the same (up to ties) unless more than
+`pre_nms_top_k` pairs pass the threshold *and* fewer than `max_detections`
+survive NMS among the first `pre_nms_top_k`; then we may return fewer boxes.
+
+NMS runs in tiles of `tile_size` candidates: each tile is suppressed by the
+boxes kept so far, then within itself by a fixed-point iteration that equals
+sequential greedy NMS (usually a few passes per tile). It stops at the first tile whose best candidate is
+below the threshold or when `max_detections` boxes are kept, so it does
+`O(pre_nms_top_k * (tile_size + max_detections))` work, not O(K^2).
+"""
+from typing import Any, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spinenet_jax.detection import box_ops
+from spinenet_jax.detection import losses
+from spinenet_jax.detection import sharding_utils
+
+Array = jnp.ndarray
+
+
+def _pairwise_suppression(boxes1, classes1, boxes2, classes2, iou_threshold):
+  """`[N, M]` bool: box i of set 1 and box j of set 2 suppress each other."""
+  same = classes1[:, None] == classes2[None, :]
+  return same & (box_ops.iou(boxes1, boxes2) > iou_threshold)
+
+
+def nms(boxes: Array, classes: Array, valid: Array, max_output: int,
+        iou_threshold: float = 0.5, tile_size: int = 256) -> tuple[Array, Array]:
+  """Greedy per-class NMS of candidates already sorted by descending score.
+
+  Args:
+    boxes: `[K, 4]` yxyx boxes.
+    classes: `[K]` int classes; boxes of different classes never suppress
+      each other.
+    valid: `[K]` bool, a prefix mask (candidates below the score threshold
+      must all come after the valid ones).
+    max_output: number of boxes to keep at most.
+    iou_threshold: a candidate is suppressed by a kept box of its class with
+      IoU strictly greater than this.
+    tile_size: candidates processed together.
+
+  Returns:
+    `indices [max_output]` int32 into the candidates (-1 past the end) and
+    the number kept.
+  """
+  k = boxes.shape[0]
+  tile_size = int(min(tile_size, max(k, 1)))
+  num_tiles = -(-k // tile_size)
+  pad = num_tiles * tile_size - k
+  boxes = jnp.pad(boxes, ((0, pad), (0, 0)))
+  classes = jnp.pad(classes, (0, pad))
+  valid = jnp.pad(valid, (0, pad))
+  order = jnp.arange(tile_size)
+  earlier = order[:, None] < order[None, :]  # [j, i]: j comes before i
+  slots = jnp.arange(max_output)
+
+  def cond(state):
+    t, count = state[0], state[1]
+    first = jnp.minimum(t * tile_size, num_tiles * tile_size - 1)
+    return (t < num_tiles) & (count < max_output) & valid[first]
+
+  # One pass per iteration (a single loop: nested while loops do not batch
+  # under explicit-sharding meshes). Within a tile, `keep` iterates
+  # keep <- base & ~any_j(keep[j] & within[j, i]); each pass fixes at least
+  # one more position, and the fixed point is the sequential greedy result.
+  # Once `keep` stops changing the tile is committed and the next one begins.
+  def body(state):
+    t, count, keep, kept_idx, kept_boxes, kept_cls = state
+    start = t * tile_size
+    b = jax.lax.dynamic_slice_in_dim(boxes, start, tile_size)
+    c = jax.lax.dynamic_slice_in_dim(classes, start, tile_size)
+    v = jax.lax.dynamic_slice_in_dim(valid, start, tile_size)
+    by_kept = _pairwise_suppression(b, c, kept_boxes, kept_cls, iou_threshold)
+    base = v & ~jnp.any(by_kept & (slots < count)[None, :], axis=1)
+    within = _pairwise_suppression(b, c, b, c, iou_threshold) & earlier
+    new = base & ~jnp.any(within & keep[:, None], axis=0)
+    done = jnp.all(new == keep)
+    commit = keep & done
+    pos = jnp.where(commit, count + jnp.cumsum(commit) - 1, max_output)
+    kept_idx = kept_idx.at[pos].set(start + order, mode='drop')
+    kept_boxes = kept_boxes.at[pos].set(b, mode='drop')
+    kept_cls = kept_cls.at[pos].set(c, mode='drop')
+    count = jnp.minimum(count + jnp.sum(commit), max_output)
+    keep = jnp.where(done, jnp.zeros_like(keep), new)
+    return t + done.astype(t.dtype), count, keep, kept_idx, kept_boxes, kept_cls
+
+  # The carry is derived from `valid` so that, under `vmap` of a batch on an
+  # explicit-sharding mesh, it is batched (and sharded) from the start: a
+  # carry that only becomes batched inside the loop fails to trace there.
+  zero = jnp.zeros_like(valid[0], jnp.int32)
+  init = (zero, zero, jnp.zeros((tile_size,), bool) & valid[0],
+          jnp.full((max_output,), -1, jnp.int32) + zero,
+          jnp.zeros((max_output, 4), boxes.dtype) + zero.astype(boxes.dtype),
+          jnp.full((max_output,), -1, classes.dtype) + zero.astype(
+              classes.dtype))
+  _, count, _, kept_idx, _, _ = jax.lax.while_loop(cond, body, init)
+  return kept_idx, count
+
+
+def _select_candidates(logits: Array, k: int) -> tuple[Array, Array, Array]:
+  """Top-k (anchor, class >= 1) pairs of `[N, C]` logits, sorted descending."""
+  num_anchors, num_classes = logits.shape
+  fg = logits[:, 1:]
+  k_anchors = min(k, num_anchors)
+  _, anchor_idx = jax.lax.top_k(jnp.max(fg, axis=1), k_anchors)
+  pair_logits = fg[anchor_idx].reshape(-1)
+  top_logits, flat = jax.lax.top_k(pair_logits, min(k, pair_logits.shape[0]))
+  return (top_logits, anchor_idx[flat // (num_classes - 1)],
+          flat % (num_classes - 1) + 1)
+
+
+def _detect_one(logits, decoded, image_hw, pre_nms_top_k, score_threshold,
+                iou_threshold, max_detections, tile_size):
+  top_logits, anchor_idx, classes = _select_candidates(logits, pre_nms_top_k)
+  scores = jax.nn.sigmoid(top_logits)
+  boxes = box_ops.clip(decoded[anchor_idx], image_hw)
+  idx, count = nms(boxes, classes, scores > score_threshold, max_detections,
+                   iou_threshold, tile_size)
+  ok = idx >= 0
+  safe = jnp.maximum(idx, 0)
+  return {
+      'boxes': jnp.where(ok[:, None], boxes[safe], 0.0),
+      'scores': jnp.where(ok, scores[safe], 0.0),
+      'classes': jnp.where(ok, classes[safe], 0).astype(jnp.int32),
+      'num_detections': count.astype(jnp.int32),
+  }
+
+
+def detect(cls_outputs: Union[Array, Mapping[Any, Array]],
+           box_outputs: Union[Array, Mapping[Any, Array]],
+           anchors: Union[Array, np.ndarray],
+           image_size: Union[int, Sequence[int], Array],
+           pre_nms_top_k: int = 5000, score_threshold: float = 0.05,
+           iou_threshold: float = 0.5, max_detections: int = 100,
+           tile_size: int = 256) -> dict[str, Array]:
+  """Turns RetinaNet outputs into at most `max_detections` boxes per image.
+
+  Args:
+    cls_outputs: `[B, N, C]` logits in anchor order (column 0 background), or
+      the head's per-level dict `{level: [B, H, W, A * C]}`.
+    box_outputs: `[B, N, 4]` (dy, dx, dh, dw), or the per-level dict.
+    anchors: `[N, 4]` yxyx anchors (`anchors.multilevel_anchors`).
+    image_size: clip window: an int, `(height, width)`, or `[B, 2]` per image
+      (e.g. the unpadded size of each resized image).
+    pre_nms_top_k: number of (anchor, class) candidates entering NMS.
+    score_threshold: candidates need a score strictly above this.
+    iou_threshold: NMS suppresses IoU strictly above this (same class only).
+    max_detections: detections kept per image.
+    tile_size: NMS tile (speed only; results do not depend on it).
+
+  Returns:
+    dict of `boxes [B, D, 4]` (yxyx, input pixels), `scores [B, D]`,
+    `classes [B, D]` int32 (ids >= 1) and `num_detections [B]` int32, with
+    `D = max_detections`, sorted by descending score; entries past
+    `num_detections` are zero.
+  """
+  if isinstance(cls_outputs, Mapping) or isinstance(box_outputs, Mapping):
+    cls_outputs, box_outputs = losses.flatten_outputs(
+        {'cls_outputs': cls_outputs, 'box_outputs': box_outputs})
+  if cls_outputs.ndim != 3 or box_outputs.shape != cls_outputs.shape[:2] + (4,):
+    raise ValueError(f'need cls_outputs [B, N, C] and box_outputs [B, N, 4]; '
+                     f'got {cls_outputs.shape} and {box_outputs.shape}')
+  if anchors.shape != (cls_outputs.shape[1], 4):
+    raise ValueError(f'anchors have shape {anchors.shape}, outputs have '
+                     f'{cls_outputs.shape[1]} anchors')
+  if cls_outputs.shape[2] < 2:
+    raise ValueError(f'need at least 2 class columns (background + 1), got '
+                     f'{cls_outputs.shape[2]}')
+  for name, value in (('pre_nms_top_k', pre_nms_top_k),
+                      ('max_detections', max_detections),
+                      ('tile_size', tile_size)):
+    if int(value) < 1:
+      raise ValueError(f'{name} must be >= 1, got {value}')
+  size = jnp.asarray(image_size, jnp.float32)
+  if size.ndim == 0:
+    size = jnp.stack([size, size])
+  if size.shape not in ((2,), (cls_outputs.shape[0], 2)):
+    raise ValueError(f'image_size must be an int, (height, width) or [B, 2]; '
+                     f'got shape {size.shape}')
+  per_image = size.ndim == 2
+  if per_image:
+    size = sharding_utils.batch_like(size, cls_outputs)
+  # Decoding all anchors is cheap and elementwise, so the (replicated) anchors
+  # are never gathered with batch-sharded indices.
+  decoded = box_ops.decode(jnp.asarray(box_outputs, jnp.float32),
+                           jnp.asarray(anchors, jnp.float32))
+  decoded = sharding_utils.batch_like(decoded, cls_outputs)
+  fn = lambda l, d, s: _detect_one(
+      l.astype(jnp.float32), d, s, int(pre_nms_top_k), score_threshold,
+      iou_threshold, int(max_detections), int(tile_size))
+  return jax.vmap(fn, in_axes=(0, 0, 0 if per_image else None))(
+      cls_outputs, decoded, size)
