@@ -1,0 +1,232 @@
+"""Detection input pipeline (RetinaNet), for TFDS datasets in the COCO schema.
+
+Schema: `image`, `objects/bbox` (normalised ymin, xmin, ymax, xmax),
+`objects/label`, optional `objects/is_crowd` and `image/id`.
+
+Training (Model Garden semantics, reference section 7): decode, random
+horizontal flip, scale jitter `U[aug_scale_min, aug_scale_max]` of the
+output size with the aspect ratio kept, random crop of the output size,
+ImageNet normalisation, zero padding (bottom/right) to a square; boxes are
+mapped, clipped, emptied ones dropped, and padded to `max_instances` with
+class -1 (crowd boxes are dropped unless `skip_crowd_during_training` is
+False). Evaluation: long side resized to the output size and padded; boxes
+stay in original pixels, with `scale` to map predictions back.
+
+Class ids: `coco` (80 TFDS labels) -> COCO category ids 1..90 (the 91-slot
+layout); any other dataset: TFDS label + 1. 0 is background everywhere.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import ml_collections
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from input_pipeline import common
+
+# COCO category id of each TFDS `coco` label 0..79 (categories sorted by id).
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+    22, 23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42,
+    43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
+    62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
+    85, 86, 87, 88, 89, 90)
+
+Features = common.Features
+
+
+def class_mapper(builder: tfds.core.DatasetBuilder
+                 ) -> Callable[[tf.Tensor], tf.Tensor]:
+  """TFDS label -> class id (>= 1) for this dataset."""
+  features = builder.info.features
+  if ('objects' not in features or 'bbox' not in features['objects'] or
+      'label' not in features['objects'] or 'image' not in features):
+    raise ValueError(
+        f'Dataset {builder.info.full_name!r} does not have the COCO schema '
+        f'(image, objects/bbox, objects/label); its features are '
+        f'{features}.')
+  num = features['objects']['label'].num_classes
+  if builder.name == 'coco' and num == len(COCO_CATEGORY_IDS):
+    table = tf.constant(COCO_CATEGORY_IDS, tf.int32)
+    return lambda label: tf.gather(table, label)
+  return lambda label: label + 1
+
+
+def _objects(ex: Features, class_fn, skip_crowd: bool
+             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Normalised boxes [N, 4], class ids [N] and is_crowd [N] of an example."""
+  obj = ex['objects']
+  boxes = tf.reshape(tf.cast(obj['bbox'], tf.float32), [-1, 4])
+  classes = class_fn(tf.cast(obj['label'], tf.int32))
+  crowd = (tf.cast(obj['is_crowd'], tf.bool) if 'is_crowd' in obj
+           else tf.zeros_like(classes, tf.bool))
+  if skip_crowd:
+    keep = tf.logical_not(crowd)
+    boxes, classes, crowd = (tf.boolean_mask(t, keep)
+                             for t in (boxes, classes, crowd))
+  return boxes, classes, crowd
+
+
+def _pad_objects(boxes, classes, crowd, max_instances: int
+                 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  return (common.pad_instances(boxes, max_instances, -1.0),
+          common.pad_instances(classes, max_instances, -1),
+          common.pad_instances(crowd, max_instances, False))
+
+
+def jitter_and_crop(image: tf.Tensor, boxes: tf.Tensor, key: tf.Tensor, *,
+                    size: int, scale_min: float, scale_max: float
+                    ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Random scale, crop and flip (Model Garden `resize_and_crop_image`).
+
+  Args:
+    image: uint8 [H, W, 3].
+    boxes: [N, 4] normalised yxyx.
+    key: stateless RNG key, [2] int64.
+    size: output side S.
+    scale_min: smallest scale of S the long side is resized to.
+    scale_max: largest such scale.
+
+  Returns:
+    Float image [h, w, 3] with h, w <= S (unpadded, values 0..255) and boxes
+    [N, 4] in its pixels, clipped (possibly empty).
+  """
+  k_scale, k_crop, k_flip = tf.unstack(
+      tf.random.experimental.stateless_split(key, 3))
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  jitter = tf.random.stateless_uniform([], k_scale, scale_min, scale_max)
+  target = tf.round(jitter * size)
+  scale = tf.reduce_min(target / hw)
+  new_hw = tf.maximum(tf.round(hw * scale), 1.0)
+  max_offset = tf.maximum(new_hw - size, 0.0)
+  offset = tf.floor(max_offset * tf.random.stateless_uniform([2], k_crop))
+  out_hw = tf.minimum(new_hw - offset, size)
+  image = common.scale_and_crop(image, out_hw, new_hw / hw, offset)
+  factor = tf.tile(new_hw, [2])  # Normalised -> resized pixels.
+  boxes = boxes * factor - tf.tile(offset, [2])
+  boxes = tf.clip_by_value(boxes, 0.0, tf.tile(out_hw, [2]))
+  flip = tf.random.stateless_uniform([], k_flip) < 0.5
+  ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=-1)
+  flipped = tf.stack([ymin, out_hw[1] - xmax, ymax, out_hw[1] - xmin], -1)
+  boxes = tf.where(flip, flipped, boxes)
+  image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+  return image, boxes
+
+
+def preprocess_train(ex: Features, key: tf.Tensor, *, size: int,
+                     scale_min: float, scale_max: float, max_instances: int,
+                     class_fn, skip_crowd: bool = True) -> Features:
+  """One training example -> fixed-shape features (see module docstring)."""
+  image = common.decode_image(ex['image'])
+  boxes, classes, crowd = _objects(ex, class_fn, skip_crowd)
+  image, boxes = jitter_and_crop(image, boxes, key, size=size,
+                                 scale_min=scale_min, scale_max=scale_max)
+  image = tf.image.pad_to_bounding_box(common.normalize(image), 0, 0, size,
+                                       size)
+  keep = tf.logical_and(boxes[:, 2] > boxes[:, 0], boxes[:, 3] > boxes[:, 1])
+  boxes, classes, crowd = (tf.boolean_mask(t, keep)
+                           for t in (boxes, classes, crowd))
+  boxes, classes, crowd = _pad_objects(boxes, classes, crowd, max_instances)
+  return {'image': tf.ensure_shape(image, [size, size, 3]), 'boxes': boxes,
+          'classes': classes, 'is_crowd': crowd}
+
+
+def preprocess_eval(ex: Features, image_id: tf.Tensor, *, size: int,
+                    max_instances: int, class_fn) -> Features:
+  """Resize the long side to `size`, pad; ground truth in original pixels."""
+  image = common.decode_image(ex['image'])
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = tf.reduce_min(size / hw)
+  new_hw = tf.clip_by_value(tf.round(hw * scale), 1.0, size)
+  image = common.scale_and_crop(image, new_hw, tf.stack([scale, scale]))
+  image = tf.image.pad_to_bounding_box(common.normalize(image), 0, 0, size,
+                                       size)
+  boxes, classes, crowd = _objects(ex, class_fn, skip_crowd=False)
+  boxes, classes, crowd = _pad_objects(boxes * tf.tile(hw, [2]), classes,
+                                       crowd, max_instances)
+  if 'image/id' in ex:
+    image_id = tf.cast(ex['image/id'], tf.int64)
+  return {'image': tf.ensure_shape(image, [size, size, 3]),
+          'image_id': image_id, 'scale': scale,
+          'orig_size': tf.cast(hw, tf.int32), 'gt_boxes': boxes,
+          'gt_classes': classes, 'gt_is_crowd': crowd,
+          'mask': tf.constant(True)}
+
+
+def train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
+                   seed: int, start_step: int = 0,
+                   process_index: int | None = None,
+                   process_count: int | None = None,
+                   with_ids: bool = False) -> common.NumpyIterator:
+  """Endless training batches of this process (its slice of the global batch).
+
+  Yields NumPy dicts: `image` float32 [b, S, S, 3], `boxes` float32
+  [b, M, 4] (yxyx, pixels of the S x S input, -1 padding), `classes` int32
+  [b, M] (-1 padding), `is_crowd` bool [b, M]; with `with_ids` also
+  `image_id` int64 [b]. b = batch_size // process_count, S =
+  data_cfg.image_size, M = data_cfg.max_instances. The stream is a function
+  of (seed, step, process_index, process_count): `start_step=K` yields steps
+  K, K+1, ... of the uninterrupted stream (see `common`).
+  """
+  pi, pc = common.resolve_process(process_index, process_count)
+  b = common.local_batch_size(batch_size, pc)
+  if not 0 < data_cfg.aug_scale_min <= data_cfg.aug_scale_max:
+    raise ValueError(f'Need 0 < aug_scale_min <= aug_scale_max, got '
+                     f'{data_cfg.aug_scale_min}, {data_cfg.aug_scale_max}.')
+  builder = common.get_builder(data_cfg)
+  preprocess = functools.partial(
+      preprocess_train, size=data_cfg.image_size,
+      scale_min=data_cfg.aug_scale_min, scale_max=data_cfg.aug_scale_max,
+      max_instances=data_cfg.max_instances, class_fn=class_mapper(builder),
+      skip_crowd=data_cfg.get('skip_crowd_during_training', True))
+
+  def fn(index, ex):
+    out = preprocess(ex, common.example_key(seed, pi, index))
+    if with_ids:
+      out['image_id'] = tf.cast(ex.get('image/id', -1), tf.int64)
+    return out
+
+  ds = common.train_examples(
+      builder, data_cfg.train_split, seed=seed, start_index=start_step * b,
+      process_index=pi, process_count=pc,
+      shuffle_buffer=data_cfg.shuffle_buffer)
+  ds = common.finish(ds, fn, data_cfg, b)
+  return common.NumpyIterator(ds, f'{data_cfg.name} train',
+                              first_index=start_step * b)
+
+
+def eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> common.NumpyIterator:
+  """One pass over this process's slice of `eval_split`, padded with masks.
+
+  Yields NumPy dicts: `image` float32 [b, S, S, 3], `image_id` int64 [b]
+  (`image/id`, else the position in the split; -1 for padding), `scale`
+  float32 [b] (input pixels per original pixel: original = box / scale),
+  `orig_size` int32 [b, 2] (height, width), `gt_boxes` float32 [b, M, 4]
+  (yxyx, original pixels), `gt_classes` int32 [b, M] (-1 padding),
+  `gt_is_crowd` bool [b, M], `mask` bool [b] (False: padding). Every process
+  yields the same number of batches.
+  """
+  pi, pc = common.resolve_process(process_index, process_count)
+  b = common.local_batch_size(batch_size, pc)
+  builder = common.get_builder(data_cfg)
+  ds, first, size, largest = common.eval_examples(
+      builder, data_cfg.eval_split, process_index=pi, process_count=pc)
+  preprocess = functools.partial(
+      preprocess_eval, size=data_cfg.image_size,
+      max_instances=data_cfg.max_instances, class_fn=class_mapper(builder))
+  ds = common.finish(ds, lambda i, ex: preprocess(ex, i + first), data_cfg, b,
+                     pad=_eval_padding(data_cfg), num_batches=common.ceil_div(
+                         largest, b))
+  return common.NumpyIterator(ds, f'{data_cfg.name} eval', total=size)
+
+
+def _eval_padding(data_cfg: ml_collections.ConfigDict) -> Features:
+  s, m = data_cfg.image_size, data_cfg.max_instances
+  return {'image': tf.zeros([s, s, 3]), 'image_id': tf.constant(-1, tf.int64),
+          'scale': tf.constant(1.0), 'orig_size': tf.zeros([2], tf.int32),
+          'gt_boxes': -tf.ones([m, 4]), 'gt_classes': -tf.ones([m], tf.int32),
+          'gt_is_crowd': tf.zeros([m], tf.bool), 'mask': tf.constant(False)}
