@@ -380,13 +380,13 @@ def test_nms_matches_greedy_numpy():
     assert (np.asarray(idx)[len(ref):] == -1).all()
 
 
-@pytest.mark.parametrize('c,scale,offset,top_k,tile', [
-    (6, 1.0, 0.0, 400, 64),  # many candidates, cut by pre_nms_top_k
-    (6, 4.0, -9.0, 3000, 64),  # ~1000 candidates over many tiles
-    (6, 4.0, -14.0, 5000, 256),  # few candidates: fewer than 100 kept
-    (2, 4.0, -6.0, 2000, 128),  # one class: heavy suppression
+@pytest.mark.parametrize('c,scale,offset,top_k,tile,vectorize', [
+    (6, 1.0, 0.0, 400, 64, False),  # many candidates, cut by pre_nms_top_k
+    (6, 4.0, -9.0, 3000, 64, True),  # ~1000 candidates over many tiles
+    (6, 4.0, -14.0, 5000, 256, False),  # few candidates: fewer than 100 kept
+    (2, 4.0, -6.0, 2000, 128, None),  # one class: heavy suppression
 ])
-def test_detect_matches_numpy(c, scale, offset, top_k, tile):
+def test_detect_matches_numpy(c, scale, offset, top_k, tile, vectorize):
   rng = np.random.default_rng(8)
   size, batch = 128, 2
   outputs = fake_outputs(rng, size, c, batch, scale=scale)
@@ -395,7 +395,7 @@ def test_detect_matches_numpy(c, scale, offset, top_k, tile):
   anchors = anchors_lib.multilevel_anchors(size)
   det = jax.jit(lambda o: postprocess.detect(
       o['cls_outputs'], o['box_outputs'], anchors, size, pre_nms_top_k=top_k,
-      tile_size=tile))(outputs)
+      tile_size=tile, vectorize=vectorize))(outputs)
   cls, box = losses.flatten_outputs(outputs)
   counts = []
   for b in range(batch):
@@ -476,14 +476,19 @@ def test_sharded_matches_unsharded():
   def step(outputs, boxes, classes, crowd):
     t = targets.assign_batch(anchors, boxes, classes, crowd)
     loss, _ = losses.retinanet_loss(outputs, t)
-    det = postprocess.detect(outputs['cls_outputs'], outputs['box_outputs'],
-                             anchors, size, pre_nms_top_k=500)
-    return t, loss, det
+    dets = [postprocess.detect(outputs['cls_outputs'], outputs['box_outputs'],
+                               anchors, size, pre_nms_top_k=500, vectorize=v)
+            for v in (True, False)]
+    return t, loss, dets
 
   ref = jax.jit(step)(outputs, boxes, classes, crowd)
   args = jax.device_put((outputs, boxes, classes, crowd), data)
   got = jax.jit(step, in_shardings=data)(*args)
   assert got[0]['cls_targets'].sharding.is_equivalent_to(data, 2)
+  assert got[2][1]['boxes'].sharding.is_equivalent_to(data, 3)
   for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5,
+                               atol=1e-5)
+  for r, g in zip(jax.tree.leaves(ref[2][0]), jax.tree.leaves(got[2][1])):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5,
                                atol=1e-5)

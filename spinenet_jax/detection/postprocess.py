@@ -22,18 +22,23 @@ survive NMS among the first `pre_nms_top_k`; then we may return fewer boxes.
 
 NMS runs in tiles of `tile_size` candidates: each tile is suppressed by the
 boxes kept so far, then within itself by a fixed-point iteration that equals
-sequential greedy NMS (usually a few passes per tile). It stops at the first tile whose best candidate is
-below the threshold or when `max_detections` boxes are kept, so it does
-`O(pre_nms_top_k * (tile_size + max_detections))` work, not O(K^2).
+sequential greedy NMS (usually a few passes per tile). It stops at the first
+tile whose best candidate is below the threshold or when `max_detections`
+boxes are kept, so it does `O(pre_nms_top_k * (tile_size + max_detections))`
+work, not O(K^2).
+
+Images are processed with `vmap`, or (the CPU default) one after another
+within each device's shard of the batch, which avoids batch-sized
+temporaries of the `[B, N, C]` logits and lock-step NMS loops.
 """
-from typing import Any, Mapping, Sequence, Union
+import math
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from spinenet_jax.detection import box_ops
-from spinenet_jax.detection import losses
 from spinenet_jax.detection import sharding_utils
 
 Array = jnp.ndarray
@@ -80,8 +85,7 @@ def nms(boxes: Array, classes: Array, valid: Array, max_output: int,
     first = jnp.minimum(t * tile_size, num_tiles * tile_size - 1)
     return (t < num_tiles) & (count < max_output) & valid[first]
 
-  # One pass per iteration (a single loop: nested while loops do not batch
-  # under explicit-sharding meshes). Within a tile, `keep` iterates
+  # One loop, one pass per iteration. Within a tile, `keep` iterates
   # keep <- base & ~any_j(keep[j] & within[j, i]); each pass fixes at least
   # one more position, and the fixed point is the sequential greedy result.
   # Once `keep` stops changing the tile is committed and the next one begins.
@@ -118,23 +122,39 @@ def nms(boxes: Array, classes: Array, valid: Array, max_output: int,
   return kept_idx, count
 
 
-def _select_candidates(logits: Array, k: int) -> tuple[Array, Array, Array]:
-  """Top-k (anchor, class >= 1) pairs of `[N, C]` logits, sorted descending."""
-  num_anchors, num_classes = logits.shape
-  fg = logits[:, 1:]
-  k_anchors = min(k, num_anchors)
-  _, anchor_idx = jax.lax.top_k(jnp.max(fg, axis=1), k_anchors)
-  pair_logits = fg[anchor_idx].reshape(-1)
-  top_logits, flat = jax.lax.top_k(pair_logits, min(k, pair_logits.shape[0]))
-  return (top_logits, anchor_idx[flat // (num_classes - 1)],
-          flat % (num_classes - 1) + 1)
+def _gather_levels(levels: Sequence[Array], idx: Array) -> Array:
+  """Rows `idx` of the concatenation of `levels` (`[N_l, D]`), no concat."""
+  out, offset = None, 0
+  for x in levels:
+    n = x.shape[0]
+    rows = x[jnp.clip(idx - offset, 0, n - 1)]
+    inside = ((idx >= offset) & (idx < offset + n))[:, None]
+    out = rows if out is None else jnp.where(inside, rows, out)
+    offset += n
+  return out
 
 
-def _detect_one(logits, decoded, image_hw, pre_nms_top_k, score_threshold,
-                iou_threshold, max_detections, tile_size):
-  top_logits, anchor_idx, classes = _select_candidates(logits, pre_nms_top_k)
+def _detect_one(cls_levels, box_levels, image_hw, anchor_levels, pre_nms_top_k,
+                score_threshold, iou_threshold, max_detections, tile_size):
+  """`detect` for one image given per-level `[N_l, C]` and `[N_l, 4]` arrays."""
+  cls_levels = [c.astype(jnp.float32) for c in cls_levels]
+  num_classes = cls_levels[0].shape[1]
+  # Top anchors by their best foreground logit, then the top (anchor, class)
+  # pairs among them: exact, since an anchor holding one of the k best pairs
+  # has one of the k best per-anchor maxima.
+  key = jnp.concatenate([jnp.max(c[:, 1:], axis=1) for c in cls_levels])
+  _, anchor_idx = jax.lax.top_k(key, min(pre_nms_top_k, key.shape[0]))
+  pair_logits = _gather_levels(cls_levels, anchor_idx)[:, 1:].reshape(-1)
+  top_logits, flat = jax.lax.top_k(
+      pair_logits, min(pre_nms_top_k, pair_logits.shape[0]))
+  anchor_idx = anchor_idx[flat // (num_classes - 1)]
+  classes = flat % (num_classes - 1) + 1
   scores = jax.nn.sigmoid(top_logits)
-  boxes = box_ops.clip(decoded[anchor_idx], image_hw)
+  # Decoding every anchor is cheap and elementwise, so the constant anchors
+  # are never gathered with (possibly batch-sharded) indices.
+  decoded = [box_ops.decode(b.astype(jnp.float32), a)
+             for b, a in zip(box_levels, anchor_levels)]
+  boxes = box_ops.clip(_gather_levels(decoded, anchor_idx), image_hw)
   idx, count = nms(boxes, classes, scores > score_threshold, max_detections,
                    iou_threshold, tile_size)
   ok = idx >= 0
@@ -147,18 +167,65 @@ def _detect_one(logits, decoded, image_hw, pre_nms_top_k, score_threshold,
   }
 
 
+def _split_levels(cls_outputs, box_outputs) -> tuple[list[Array], list[Array]]:
+  """Per-level `[B, N_l, C]` logits and `[B, N_l, 4]` deltas, anchor order."""
+  if not isinstance(cls_outputs, Mapping):
+    cls_outputs, box_outputs = jnp.asarray(cls_outputs), jnp.asarray(
+        box_outputs)
+    if (cls_outputs.ndim != 3 or
+        box_outputs.shape != cls_outputs.shape[:2] + (4,)):
+      raise ValueError(f'need cls_outputs [B, N, C] and box_outputs [B, N, 4];'
+                       f' got {cls_outputs.shape} and {box_outputs.shape}')
+    return [cls_outputs], [box_outputs]
+  levels = sorted(cls_outputs, key=int)
+  if sorted(box_outputs, key=int) != levels:
+    raise ValueError(f'cls_outputs levels {levels} differ from box_outputs '
+                     f'levels {sorted(box_outputs, key=int)}')
+  num_anchors = box_outputs[levels[0]].shape[-1] // 4
+  num_classes = cls_outputs[levels[0]].shape[-1] // max(num_anchors, 1)
+  cls, box = [], []
+  for level in levels:
+    c, b = cls_outputs[level], box_outputs[level]
+    n = math.prod(b.shape[1:-1]) * num_anchors
+    if (c.shape[-1] != num_anchors * num_classes or
+        b.shape[-1] != num_anchors * 4 or c.shape[:-1] != b.shape[:-1]):
+      raise ValueError(f'level {level}: cls {c.shape} and box {b.shape} do not '
+                       f'fit {num_anchors} anchors x {num_classes} classes')
+    cls.append(sharding_utils.reshape_keep_batch(c, (c.shape[0], n,
+                                                     num_classes)))
+    box.append(sharding_utils.reshape_keep_batch(b, (b.shape[0], n, 4)))
+  return cls, box
+
+
+def _map_images(fn, args):
+  """`lax.map` of `fn` over the leading axis of `args`, within each shard.
+
+  With the batch explicitly sharded over n devices, the batch is split into
+  `[n, B / n]`, vmapped over the (sharded) first axis and looped over the
+  second, so every device loops over its own images.
+  """
+  n = sharding_utils.num_batch_shards(jax.tree.leaves(args)[0])
+  if n == 1:
+    return jax.lax.map(lambda a: fn(*a), args)
+  split = jax.tree.map(lambda x: sharding_utils.split_batch(x, n), args)
+  out = jax.vmap(lambda a: jax.lax.map(lambda b: fn(*b), a))(split)
+  return jax.tree.map(sharding_utils.merge_batch, out)
+
+
 def detect(cls_outputs: Union[Array, Mapping[Any, Array]],
            box_outputs: Union[Array, Mapping[Any, Array]],
            anchors: Union[Array, np.ndarray],
            image_size: Union[int, Sequence[int], Array],
            pre_nms_top_k: int = 5000, score_threshold: float = 0.05,
            iou_threshold: float = 0.5, max_detections: int = 100,
-           tile_size: int = 256) -> dict[str, Array]:
+           tile_size: int = 256,
+           vectorize: Optional[bool] = None) -> dict[str, Array]:
   """Turns RetinaNet outputs into at most `max_detections` boxes per image.
 
   Args:
     cls_outputs: `[B, N, C]` logits in anchor order (column 0 background), or
-      the head's per-level dict `{level: [B, H, W, A * C]}`.
+      the head's per-level dict `{level: [B, H, W, A * C]}` (preferred: the
+      levels are never concatenated).
     box_outputs: `[B, N, 4]` (dy, dx, dh, dw), or the per-level dict.
     anchors: `[N, 4]` yxyx anchors (`anchors.multilevel_anchors`).
     image_size: clip window: an int, `(height, width)`, or `[B, 2]` per image
@@ -168,6 +235,10 @@ def detect(cls_outputs: Union[Array, Mapping[Any, Array]],
     iou_threshold: NMS suppresses IoU strictly above this (same class only).
     max_detections: detections kept per image.
     tile_size: NMS tile (speed only; results do not depend on it).
+    vectorize: vmap over the batch (True) or loop over the images of each
+      device shard (False). Default: loop on CPU, where it avoids large
+      batched temporaries and lock-step NMS loops; vmap elsewhere. Results
+      are the same.
 
   Returns:
     dict of `boxes [B, D, 4]` (yxyx, input pixels), `scores [B, D]`,
@@ -175,18 +246,14 @@ def detect(cls_outputs: Union[Array, Mapping[Any, Array]],
     `D = max_detections`, sorted by descending score; entries past
     `num_detections` are zero.
   """
-  if isinstance(cls_outputs, Mapping) or isinstance(box_outputs, Mapping):
-    cls_outputs, box_outputs = losses.flatten_outputs(
-        {'cls_outputs': cls_outputs, 'box_outputs': box_outputs})
-  if cls_outputs.ndim != 3 or box_outputs.shape != cls_outputs.shape[:2] + (4,):
-    raise ValueError(f'need cls_outputs [B, N, C] and box_outputs [B, N, 4]; '
-                     f'got {cls_outputs.shape} and {box_outputs.shape}')
-  if anchors.shape != (cls_outputs.shape[1], 4):
-    raise ValueError(f'anchors have shape {anchors.shape}, outputs have '
-                     f'{cls_outputs.shape[1]} anchors')
-  if cls_outputs.shape[2] < 2:
+  cls_levels, box_levels = _split_levels(cls_outputs, box_outputs)
+  num_anchors = sum(c.shape[1] for c in cls_levels)
+  if tuple(anchors.shape) != (num_anchors, 4):
+    raise ValueError(f'anchors have shape {tuple(anchors.shape)}, outputs '
+                     f'have {num_anchors} anchors')
+  if cls_levels[0].shape[2] < 2:
     raise ValueError(f'need at least 2 class columns (background + 1), got '
-                     f'{cls_outputs.shape[2]}')
+                     f'{cls_levels[0].shape[2]}')
   for name, value in (('pre_nms_top_k', pre_nms_top_k),
                       ('max_detections', max_detections),
                       ('tile_size', tile_size)):
@@ -195,19 +262,25 @@ def detect(cls_outputs: Union[Array, Mapping[Any, Array]],
   size = jnp.asarray(image_size, jnp.float32)
   if size.ndim == 0:
     size = jnp.stack([size, size])
-  if size.shape not in ((2,), (cls_outputs.shape[0], 2)):
+  if size.shape not in ((2,), (cls_levels[0].shape[0], 2)):
     raise ValueError(f'image_size must be an int, (height, width) or [B, 2]; '
                      f'got shape {size.shape}')
+  splits = np.cumsum([c.shape[1] for c in cls_levels])[:-1]
+  anchor_levels = [jnp.asarray(a, jnp.float32)
+                   for a in np.split(np.asarray(anchors), splits)]
+  ref = cls_levels[0]
+  box_levels = [sharding_utils.batch_like(b, ref) for b in box_levels]
+  cls_levels = [sharding_utils.batch_like(c, ref) for c in cls_levels]
   per_image = size.ndim == 2
-  if per_image:
-    size = sharding_utils.batch_like(size, cls_outputs)
-  # Decoding all anchors is cheap and elementwise, so the (replicated) anchors
-  # are never gathered with batch-sharded indices.
-  decoded = box_ops.decode(jnp.asarray(box_outputs, jnp.float32),
-                           jnp.asarray(anchors, jnp.float32))
-  decoded = sharding_utils.batch_like(decoded, cls_outputs)
-  fn = lambda l, d, s: _detect_one(
-      l.astype(jnp.float32), d, s, int(pre_nms_top_k), score_threshold,
-      iou_threshold, int(max_detections), int(tile_size))
-  return jax.vmap(fn, in_axes=(0, 0, 0 if per_image else None))(
-      cls_outputs, decoded, size)
+  sizes = sharding_utils.batch_like(size, ref) if per_image else None
+
+  def one(cls_l, box_l, image_hw):
+    return _detect_one(cls_l, box_l, size if image_hw is None else image_hw,
+                       anchor_levels, int(pre_nms_top_k), score_threshold,
+                       iou_threshold, int(max_detections), int(tile_size))
+
+  if vectorize is None:
+    vectorize = jax.default_backend() != 'cpu'
+  if vectorize:
+    return jax.vmap(one)(cls_levels, box_levels, sizes)
+  return _map_images(one, (cls_levels, box_levels, sizes))

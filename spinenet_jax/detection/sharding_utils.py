@@ -4,6 +4,8 @@
 arrays need an output sharding, and `vmap` needs every mapped input sharded
 the same way along the batch axis. Outside such a mesh these are no-ops.
 """
+import math
+
 import jax
 from jax.sharding import PartitionSpec as P
 
@@ -30,3 +32,28 @@ def reshape_keep_batch(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x.reshape(shape)
   out = jax.typeof(x).sharding.update(spec=P(axis, *[None] * (len(shape) - 1)))
   return jax.lax.reshape(x, shape, out_sharding=out)
+
+
+def num_batch_shards(x: jax.Array) -> int:
+  """Number of explicit shards of the leading axis of `x` (1 if none)."""
+  axis = batch_axis(x)
+  if axis is None:
+    return 1
+  shape = jax.typeof(x).sharding.mesh.shape
+  return math.prod(shape[a] for a in (axis if isinstance(axis, tuple)
+                                       else (axis,)))
+
+
+def split_batch(x: jax.Array, n: int) -> jax.Array:
+  """`[B, ...]` -> `[n, B // n, ...]`, the new leading axis sharded like B."""
+  shape = (n, x.shape[0] // n) + x.shape[1:]
+  axis = batch_axis(x)
+  if axis is None:
+    return x.reshape(shape)
+  out = jax.typeof(x).sharding.update(spec=P(axis, *[None] * (x.ndim)))
+  return jax.lax.reshape(x, shape, out_sharding=out)
+
+
+def merge_batch(x: jax.Array) -> jax.Array:
+  """Inverse of `split_batch`: `[n, b, ...]` -> `[n * b, ...]`."""
+  return reshape_keep_batch(x, (x.shape[0] * x.shape[1],) + x.shape[2:])
