@@ -79,8 +79,12 @@ SCALING_MAP = {
 def get_scaling(model_id: str) -> Scaling:
   """Returns the scaling of `model_id`, or raises a ValueError naming it."""
   if model_id not in SCALING_MAP:
-    raise ValueError(f'Unknown SpineNet model id {model_id!r}; known ids: '
-                     f'{sorted(SCALING_MAP)}.')
+    hint = (' (a SpineNet-Mobile id: build it with SpineNetMobile, or use it '
+            'as the model_id of RetinaNet / Classifier)'
+            if is_mobile(model_id) else '')
+    raise ValueError(f'Unknown SpineNet model id {model_id!r}{hint}; known '
+                     f'ids: {sorted(SCALING_MAP)}; SpineNet-Mobile ids: '
+                     f'{mobile_model_ids()}.')
   return SCALING_MAP[model_id]
 
 
@@ -206,3 +210,96 @@ def plan(specs: Sequence[BlockSpec], filter_size_scale: float, min_level: int,
     needed.add(k)
     todo.extend(by_index[k].inputs + by_index[k].extras)
   return [n for n in nodes if n.index in needed], endpoints
+
+
+# ---------------------------------------------------------------------------
+# SpineNet-Mobile (reference section 2): the same scale-permutation idea with
+# MBConv blocks. Model ids are '49_mobile', '49S_mobile' and '49XS_mobile'
+# (Model Garden calls them '49', '49S', '49XS' under backbone type
+# 'spinenet_mobile').
+
+MOBILE_SUFFIX = '_mobile'
+MOBILE_BLOCK_FNS = ('mbconv',)
+
+# Block filters (= output channels: MBConv has no x4 expansion) per level.
+# Level 0 is only the stem conv's width.
+MOBILE_FILTER_SIZE_MAP = {0: 8, 1: 16, 2: 24, 3: 40, 4: 80, 5: 112, 6: 112,
+                          7: 112}
+
+# Model Garden's (= TPU's) mobile SPINENET_BLOCK_SPECS. Feature 0 is the
+# level-1 stem block and feature 1 the level-2 stem block. All 16 entries are
+# used; the unused level-5 block (feature 12) is summed into the level-5
+# output (feature 15).
+SPINENET_MOBILE_BLOCK_SPECS = tuple(_spec(*s) for s in [
+    (2, 'mbconv', (0, 1), False),
+    (2, 'mbconv', (1, 2), False),
+    (4, 'mbconv', (1, 2), False),
+    (3, 'mbconv', (3, 4), False),
+    (4, 'mbconv', (3, 5), False),
+    (6, 'mbconv', (4, 6), False),
+    (4, 'mbconv', (4, 6), False),
+    (5, 'mbconv', (7, 8), False),
+    (7, 'mbconv', (7, 9), False),
+    (5, 'mbconv', (9, 10), False),
+    (5, 'mbconv', (9, 11), False),
+    (4, 'mbconv', (6, 11), True),
+    (3, 'mbconv', (5, 11), True),
+    (5, 'mbconv', (8, 13), True),
+    (7, 'mbconv', (6, 15), True),
+    (6, 'mbconv', (13, 15), True),
+])
+
+
+@dataclasses.dataclass(frozen=True)
+class MobileScaling:
+  """Width of one SpineNet-Mobile model id, with its RetinaNet head.
+
+  `activation` and `image_size` are what Model Garden's
+  `coco_spinenet{49,49s,49xs}_mobile_tpu.yaml` use; the head is separable.
+  """
+  endpoints_num_filters: int
+  filter_size_scale: float
+  block_repeats: int
+  head_num_convs: int
+  head_num_filters: int
+  anchor_size: float
+  activation: str
+  image_size: int
+  head_use_separable_conv: bool = True
+
+
+MOBILE_SCALING_MAP = {
+    '49': MobileScaling(48, 1.0, 1, 4, 48, 3.0, 'hard_swish', 384),
+    '49S': MobileScaling(40, 0.65, 1, 4, 40, 3.0, 'hard_swish', 384),
+    '49XS': MobileScaling(24, 0.6, 1, 4, 24, 3.0, 'swish', 256),
+}
+
+
+def is_mobile(model_id: str) -> bool:
+  """True for SpineNet-Mobile ids ('49_mobile', '49S_mobile', ...)."""
+  return str(model_id).endswith(MOBILE_SUFFIX)
+
+
+def mobile_model_ids() -> list[str]:
+  return [k + MOBILE_SUFFIX for k in MOBILE_SCALING_MAP]
+
+
+def get_mobile_scaling(model_id: str) -> MobileScaling:
+  """Scaling of '49_mobile' (or Model Garden's plain '49'), '49S_mobile'..."""
+  key = model_id[:-len(MOBILE_SUFFIX)] if is_mobile(model_id) else model_id
+  if key not in MOBILE_SCALING_MAP:
+    raise ValueError(f'Unknown SpineNet-Mobile model id {model_id!r}; known '
+                     f'ids: {mobile_model_ids()}.')
+  return MOBILE_SCALING_MAP[key]
+
+
+def get_any_scaling(model_id: str) -> Scaling | MobileScaling:
+  """The scaling of any model id: SpineNet or SpineNet-Mobile ('*_mobile')."""
+  if is_mobile(model_id):
+    return get_mobile_scaling(model_id)
+  return get_scaling(model_id)
+
+
+def mobile_channels(block_fn: str, filters: int) -> int:
+  del block_fn  # MBConv outputs its filters.
+  return filters
