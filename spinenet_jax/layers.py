@@ -207,3 +207,183 @@ def block_group(x: jax.Array, train: bool, block_fn: str, filters: int,
     x = cls(filters, strides if r == 0 else 1, use_projection and r == 0,
             stochastic_depth_rate, name=f'{name}_{r}', **kw)(x, train)
   return x
+
+
+# ---------------------------------------------------------------------------
+# SpineNet-Mobile building blocks (reference section 2.3-2.4).
+
+# Keras initialises a DepthwiseConv2D kernel, shape [k, k, C, 1], with the same
+# fan rules as a full conv: fan_in = k*k*C, not k*k. Model Garden's
+# 'VarianceScaling' depthwise kernels therefore start with std
+# sqrt(1 / (9 C)), and we do the same for parity (our HWIO kernel is
+# [k, k, 1, C], hence the swapped axes). Batch norm follows every depthwise
+# conv, so the forward pass is insensitive to this scale; what it changes is
+# the step size relative to the weights. Pass
+# `kernel_init=conv_kernel_init` to get the true fan-in (k*k) instead.
+depthwise_kernel_init = nn.initializers.variance_scaling(
+    1.0, 'fan_in', 'truncated_normal', in_axis=-1, out_axis=-2)
+
+# Keras SeparableConv2D defaults: glorot_uniform for both kernels, with the
+# depthwise fans computed Keras-style as above (fan_in k*k*C, fan_out k*k).
+separable_depthwise_init = nn.initializers.variance_scaling(
+    1.0, 'fan_avg', 'uniform', in_axis=-1, out_axis=-2)
+separable_pointwise_init = nn.initializers.glorot_uniform()
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1])
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise conv (depth multiplier 1), 'SAME' padding, no bias.
+
+  The kernel is `depthwise_kernel` [k, k, 1, C]. The name differs from `kernel`
+  on purpose: Model Garden does not L2-regularise depthwise kernels
+  (`regularize_depthwise=False`; resampling passes `kernel_regularizer`, which
+  Keras' DepthwiseConv2D ignores), so a weight-decay mask on leaves named
+  `kernel` reproduces it.
+  """
+  kernel_size: int = 3
+  strides: int = 1
+  kernel_init: Callable = depthwise_kernel_init
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param('depthwise_kernel', self.kernel_init, (k, k, 1, c),
+                        jnp.float32)
+    return _depthwise(x.astype(self.dtype), kernel.astype(self.dtype),
+                      self.strides)
+
+
+class DepthwiseConvBN(nn.Module):
+  """Depthwise conv -> batch norm -> optional activation."""
+  kernel_size: int = 3
+  strides: int = 1
+  activation: str | None = 'relu'
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  kernel_init: Callable = depthwise_kernel_init
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = DepthwiseConv(self.kernel_size, self.strides, self.kernel_init,
+                      self.dtype, name='conv')(x)
+    x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype,
+                  name='norm')(x, train)
+    return get_activation(self.activation)(x) if self.activation else x
+
+
+class SeparableConv(nn.Module):
+  """Keras SeparableConv2D: depthwise k x k, then pointwise 1x1 with bias.
+
+  Parameters `depthwise_kernel` [k, k, 1, C], `pointwise_kernel` [1, 1, C, F]
+  and `bias` [F]; Keras' default glorot-uniform inits. Model Garden's
+  separable RetinaNet head sets no kernel regularizer on these, which the
+  names (not `kernel`) reproduce under a `kernel`-only weight-decay mask.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  use_bias: bool = True
+  depthwise_init: Callable = separable_depthwise_init
+  pointwise_init: Callable = separable_pointwise_init
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    dw = self.param('depthwise_kernel', self.depthwise_init, (k, k, 1, c),
+                    jnp.float32)
+    pw = self.param('pointwise_kernel', self.pointwise_init,
+                    (1, 1, c, self.features), jnp.float32)
+    y = _depthwise(x.astype(self.dtype), dw.astype(self.dtype), self.strides)
+    y = jnp.einsum('bhwc,cd->bhwd', y, pw[0, 0].astype(self.dtype))
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class SqueezeExcitation(nn.Module):
+  """Model Garden's SqueezeExcitation (nn_layers.py).
+
+  Global average pool -> 1x1 conv to `max(1, int(in_filters * se_ratio))`
+  with bias -> `activation` -> 1x1 conv to the input's channels with bias ->
+  `gating_activation` -> multiply. `in_filters` is the block's input width
+  (Model Garden's `expand_se_in_filters=False`), not the expanded width that
+  is gated. Model Garden's SpineNet-Mobile uses relu inside and a
+  hard-sigmoid gate; the TPU code used swish and sigmoid.
+  """
+  in_filters: int
+  se_ratio: float = 0.2
+  activation: str = 'relu'
+  gating_activation: str = 'hard_sigmoid'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    reduced = max(1, int(self.in_filters * self.se_ratio))
+    s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    s = Conv(reduced, 1, use_bias=True, dtype=self.dtype, name='reduce')(s)
+    s = get_activation(self.activation)(s)
+    s = Conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name='expand')(s)
+    s = get_activation(self.gating_activation)(s)
+    return x * s.astype(x.dtype)
+
+
+class InvertedBottleneckBlock(nn.Module):
+  """MBConv: Model Garden's InvertedBottleneckBlock as SpineNet-Mobile uses it.
+
+  expand 1x1 (x `expand_ratio`, skipped if <= 1) -> BN -> act -> depthwise
+  k x k (stride) -> BN -> act -> squeeze-excitation -> project 1x1 -> BN (no
+  activation). Residual add, with stochastic depth on the branch, only when
+  the input and output widths match and the stride is 1; no activation after
+  the add.
+  """
+  out_filters: int
+  expand_ratio: int = 6
+  strides: int = 1
+  kernel_size: int = 3
+  se_ratio: float | None = 0.2
+  stochastic_depth_rate: float = 0.0
+  activation: str = 'relu'
+  se_inner_activation: str = 'relu'
+  se_gating_activation: str = 'hard_sigmoid'
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  depthwise_init: Callable = depthwise_kernel_init
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+              dtype=self.dtype)
+    act = self.activation
+    in_filters = x.shape[-1]
+    y = x
+    if self.expand_ratio > 1:
+      y = ConvBN(in_filters * self.expand_ratio, 1, 1, act, name='expand',
+                 **kw)(y, train)
+    y = DepthwiseConvBN(self.kernel_size, self.strides, act,
+                        kernel_init=self.depthwise_init, name='depthwise',
+                        **kw)(y, train)
+    if self.se_ratio and 0 < self.se_ratio <= 1:
+      y = SqueezeExcitation(in_filters, self.se_ratio,
+                            self.se_inner_activation,
+                            self.se_gating_activation, self.dtype,
+                            name='se')(y)
+    y = ConvBN(self.out_filters, 1, 1, None, name='project', **kw)(y, train)
+    if in_filters == self.out_filters and self.strides == 1:
+      y = StochasticDepth(self.stochastic_depth_rate)(y, train)
+      y = y + x.astype(y.dtype)
+    return y
+
+
+MBConv = InvertedBottleneckBlock
