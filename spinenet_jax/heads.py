@@ -31,17 +31,25 @@ class RetinaNetHead(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
+  # Keras SeparableConv2D (depthwise 3x3 + pointwise 1x1 with bias, default
+  # glorot-uniform inits) for the tower convs and both predictors, as Model
+  # Garden's `use_separable_conv` (SpineNet-Mobile).
+  use_separable_conv: bool = False
+
+  def _conv(self, features: int, kernel_init, bias_init, name: str):
+    if self.use_separable_conv:
+      return layers.SeparableConv(features, 3, bias_init=bias_init,
+                                  dtype=self.dtype, name=name)
+    return layers.Conv(features, 3, use_bias=True, kernel_init=kernel_init,
+                       bias_init=bias_init, dtype=self.dtype, name=name)
 
   def _tower(self, feats: dict[int, jax.Array], name: str, out: int,
              bias_init, train: bool) -> dict[int, jax.Array]:
-    convs = [layers.Conv(self.num_filters, 3, use_bias=True,
-                         kernel_init=nn.initializers.normal(0.01),
-                         dtype=self.dtype, name=f'{name}_conv{i}')
+    convs = [self._conv(self.num_filters, nn.initializers.normal(0.01),
+                        nn.initializers.zeros, f'{name}_conv{i}')
              for i in range(self.num_convs)]
-    predictor = layers.Conv(out, 3, use_bias=True,
-                            kernel_init=nn.initializers.normal(1e-5),
-                            bias_init=bias_init, dtype=self.dtype,
-                            name=f'{name}_predict')
+    predictor = self._conv(out, nn.initializers.normal(1e-5), bias_init,
+                           f'{name}_predict')
     act = layers.get_activation(self.activation)
     outputs = {}
     for level, x in feats.items():
