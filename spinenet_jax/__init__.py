@@ -2,5 +2,6 @@
 
 from spinenet_jax.models import Classifier, RetinaNet, build_model
 from spinenet_jax.spinenet import SpineNet
+from spinenet_jax.spinenet_mobile import SpineNetMobile
 
-__all__ = ['SpineNet', 'RetinaNet', 'Classifier', 'build_model']
+__all__ = ['SpineNet', 'SpineNetMobile', 'RetinaNet', 'Classifier', 'build_model']

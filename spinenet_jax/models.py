@@ -11,13 +11,21 @@ import jax.numpy as jnp
 from spinenet_jax import heads
 from spinenet_jax import specs as specs_lib
 from spinenet_jax.spinenet import SpineNet
+from spinenet_jax.spinenet_mobile import SpineNetMobile
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
 
 
 class _WithBackbone(nn.Module):
-  """Fields shared by the models: which SpineNet and how it is configured."""
+  """Fields shared by the models: which SpineNet and how it is configured.
+
+  Model ids ending in '_mobile' ('49_mobile', '49S_mobile', '49XS_mobile')
+  build SpineNet-Mobile (`SpineNetMobile`); `resample_alpha` does not apply
+  to it, and `se_ratio`, `expand_ratio` apply only to it. `activation=None`
+  means the model id's default: swish, or Model Garden's choice for the
+  mobile ids (hard_swish for 49 and 49S, swish for 49XS).
+  """
   model_id: str = '49'
   block_specs: Sequence[Any] | None = None
   min_level: int = 3
@@ -26,23 +34,50 @@ class _WithBackbone(nn.Module):
   filter_size_scale: float | None = None
   resample_alpha: float | None = None
   block_repeats: int | None = None
-  activation: str = 'swish'
+  activation: str | None = None
+  se_ratio: float = 0.2
+  expand_ratio: int = 6
   stochastic_depth_rate: float = 0.0
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
 
-  def scaling(self) -> specs_lib.Scaling:
-    return specs_lib.get_scaling(self.model_id)
+  @property
+  def is_mobile(self) -> bool:
+    return specs_lib.is_mobile(self.model_id)
+
+  def scaling(self) -> specs_lib.Scaling | specs_lib.MobileScaling:
+    return specs_lib.get_any_scaling(self.model_id)
+
+  def resolved_activation(self) -> str:
+    if self.activation is not None:
+      return self.activation
+    return self.scaling().activation if self.is_mobile else 'swish'
 
   def backbone(self, **kwargs) -> nn.Module:
+    if self.is_mobile:
+      if self.resample_alpha is not None:
+        raise ValueError(f'resample_alpha does not apply to SpineNet-'
+                         f'{self.model_id} (mobile resampling has no 1x1 '
+                         'reduction); leave it None.')
+      return SpineNetMobile(
+          model_id=self.model_id, block_specs=self.block_specs,
+          min_level=self.min_level, max_level=self.max_level,
+          endpoints_num_filters=self.endpoints_num_filters,
+          filter_size_scale=self.filter_size_scale,
+          block_repeats=self.block_repeats, se_ratio=self.se_ratio,
+          expand_ratio=self.expand_ratio,
+          activation=self.resolved_activation(),
+          stochastic_depth_rate=self.stochastic_depth_rate,
+          bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+          dtype=self.dtype, name='backbone', **kwargs)
     return SpineNet(
         model_id=self.model_id, block_specs=self.block_specs,
         min_level=self.min_level, max_level=self.max_level,
         endpoints_num_filters=self.endpoints_num_filters,
         filter_size_scale=self.filter_size_scale,
         resample_alpha=self.resample_alpha, block_repeats=self.block_repeats,
-        activation=self.activation,
+        activation=self.resolved_activation(),
         stochastic_depth_rate=self.stochastic_depth_rate,
         bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
         dtype=self.dtype, name='backbone', **kwargs)
@@ -60,6 +95,8 @@ class RetinaNet(_WithBackbone):
   anchor_size: float | None = None
   head_num_convs: int | None = None
   head_num_filters: int | None = None
+  # None: separable for the mobile ids (Model Garden), plain convs otherwise.
+  head_use_separable_conv: bool | None = None
 
   @property
   def num_anchors(self) -> int:
@@ -82,7 +119,12 @@ class RetinaNet(_WithBackbone):
         s.head_num_convs if self.head_num_convs is None else self.head_num_convs,
         s.head_num_filters if self.head_num_filters is None
         else self.head_num_filters,
-        self.activation, self.bn_momentum, self.bn_epsilon, self.dtype,
+        self.resolved_activation(), self.bn_momentum, self.bn_epsilon,
+        self.dtype,
+        use_separable_conv=(
+            getattr(s, 'head_use_separable_conv', False)
+            if self.head_use_separable_conv is None
+            else self.head_use_separable_conv),
         name='head')(feats, train)
 
 
