@@ -200,11 +200,16 @@ def _split_levels(cls_outputs, box_outputs) -> tuple[list[Array], list[Array]]:
 def _map_images(fn, args):
   """`lax.map` of `fn` over the leading axis of `args`, within each shard.
 
-  With the batch explicitly sharded over n devices, the batch is split into
-  `[n, B / n]`, vmapped over the (sharded) first axis and looped over the
-  second, so every device loops over its own images.
+  The batch is split into `[n, B / n]`, vmapped over the first axis and
+  looped over the second, so each device loops over its own images. `n` is
+  the number of explicit shards of the batch; without explicit sharding
+  (no mesh, or `Auto` axes) it is `gcd(B, device_count)`, so that a batch
+  sharded over all devices by the partitioner stays where it is.
   """
-  n = sharding_utils.num_batch_shards(jax.tree.leaves(args)[0])
+  x = jax.tree.leaves(args)[0]
+  n = sharding_utils.num_batch_shards(x)
+  if sharding_utils.batch_axis(x) is None:
+    n = math.gcd(x.shape[0], jax.device_count())
   if n == 1:
     return jax.lax.map(lambda a: fn(*a), args)
   split = jax.tree.map(lambda x: sharding_utils.split_batch(x, n), args)
