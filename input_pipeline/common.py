@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
@@ -48,8 +48,7 @@ def default_data_config(name: str = 'shapes/detection'
   Known names get tuned defaults ('shapes/detection', 'shapes/classification',
   'coco/2017', 'imagenet2012'); any other TFDS name gets generic ones.
   """
-  detection = not (name.startswith('shapes/classification') or
-                   name.startswith('imagenet') or _is_classification(name))
+  detection = not _is_classification(name)
   cfg = ml_collections.ConfigDict(dict(
       name=name,
       data_dir=None,  # None: TFDS default (~/tensorflow_datasets).
@@ -70,7 +69,7 @@ def default_data_config(name: str = 'shapes/detection'
       num_eval_examples=None,
       shapes_image_size=None,
   ))
-  if name.startswith('shapes/'):
+  if _is_shapes(name):
     cfg.image_size = 256 if detection else 224
     cfg.shuffle_buffer = 4000
   if name.startswith('imagenet'):
@@ -78,13 +77,18 @@ def default_data_config(name: str = 'shapes/detection'
   return cfg
 
 
+def _is_shapes(name: str) -> bool:
+  return name == 'shapes' or name.startswith('shapes/')
+
+
 def _is_classification(name: str) -> bool:
-  return name.split('/')[0] in ('imagenet2012', 'imagenette', 'cifar10',
-                                'cifar100', 'mnist', 'oxford_flowers102')
+  return name == 'shapes/classification' or name.split('/')[0] in (
+      'imagenet2012', 'imagenette', 'imagenet_v2', 'cifar10', 'cifar100',
+      'mnist', 'oxford_flowers102')
 
 
 def _shapes_config(data_cfg: ml_collections.ConfigDict) -> shapes.ShapesConfig:
-  task = data_cfg.name.split('/', 1)[1]
+  task = data_cfg.name.partition('/')[2] or 'detection'
   return shapes.make_config(
       task, num_train=data_cfg.get('num_train_examples'),
       num_validation=data_cfg.get('num_eval_examples'),
@@ -106,7 +110,7 @@ def get_builder(data_cfg: ml_collections.ConfigDict
     ValueError: if no TFDS dataset has that name.
   """
   name, data_dir = data_cfg.name, data_cfg.get('data_dir')
-  if name.startswith('shapes/'):
+  if _is_shapes(name):
     config = _shapes_config(data_cfg)
     cache_key = (config.name, data_dir)
     if cache_key not in _SHAPES_BUILDERS:

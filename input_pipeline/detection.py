@@ -103,7 +103,12 @@ def jitter_and_crop(image: tf.Tensor, boxes: tf.Tensor, key: tf.Tensor, *,
   max_offset = tf.maximum(new_hw - size, 0.0)
   offset = tf.floor(max_offset * tf.random.stateless_uniform([2], k_crop))
   out_hw = tf.minimum(new_hw - offset, size)
-  image = common.scale_and_crop(image, out_hw, new_hw / hw, offset)
+  # Resizing all and slicing is faster here than `common.scale_and_crop`.
+  image = tf.image.resize(tf.cast(image, tf.float32),
+                          tf.cast(new_hw, tf.int32), 'bilinear')
+  offset_i, out_i = tf.cast(offset, tf.int32), tf.cast(out_hw, tf.int32)
+  image = image[offset_i[0]:offset_i[0] + out_i[0],
+                offset_i[1]:offset_i[1] + out_i[1]]
   factor = tf.tile(new_hw, [2])  # Normalised -> resized pixels.
   boxes = boxes * factor - tf.tile(offset, [2])
   boxes = tf.clip_by_value(boxes, 0.0, tf.tile(out_hw, [2]))

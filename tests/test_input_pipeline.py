@@ -79,6 +79,16 @@ def test_default_config():
   assert input_pipeline.default_data_config().name == 'shapes/detection'
 
 
+def test_scale_and_crop_matches_resize_then_slice():
+  image = tf.constant(np.random.default_rng(0).integers(
+      0, 256, (30, 40, 3)), tf.uint8)
+  full = tf.image.resize(tf.cast(image, tf.float32), [60, 80]).numpy()
+  out = common.scale_and_crop(image, tf.constant([20, 25]),
+                              tf.constant([2.0, 2.0]),
+                              tf.constant([7.0, 11.0])).numpy()
+  np.testing.assert_allclose(out, full[7:27, 11:36], atol=1e-3)
+
+
 def test_detection_train_batch(det_cfg):
   assert input_pipeline.num_examples(det_cfg, 'train') == 32
   it = detection.train_iterator(det_cfg, batch_size=8, seed=0)
