@@ -1,0 +1,59 @@
+"""Train SpineNet RetinaNet or a SpineNet classifier.
+
+  python train.py --config=configs/demo.py --workdir=runs/demo \
+      [--config.batch_size=64 ...]
+
+Multi-host: on a TPU pod or a cluster JAX detects, processes find each other
+by themselves; elsewhere pass --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I to every process.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.')
+flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+flags.DEFINE_integer('process_id', None, 'Index of this process.')
+flags.DEFINE_integer('num_cpu_devices', None,
+                     'Simulate this many CPU devices (testing).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed() -> None:
+  """Joins the other processes when there are any."""
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  elif any(k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
+                                     'OMPI_COMM_WORLD_SIZE')):
+    jax.distributed.initialize()  # Auto-detected cluster.
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.num_cpu_devices:
+    jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
+  initialize_distributed()
+  logging.set_verbosity(logging.WARNING)
+  from spinenet_jax import train_lib  # After distributed initialisation.
+  result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print({k: round(v, 4) if isinstance(v, float) else v
+           for k, v in result.items()})
+
+
+if __name__ == '__main__':
+  app.run(main)
