@@ -182,3 +182,17 @@ def test_classifier_any_size():
   x = jnp.ones((2, 96, 96, 3))
   out, _ = jax.jit(lambda x: model.init_with_output(jax.random.key(0), x))(x)
   assert out.shape == (2, 7) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 7, 9, 2), (2, 6, 5, 1)])
+def test_max_pool_gradient_matches_xla(shape):
+  from flax import linen as nn
+  from spinenet_jax import resample
+  # Rounded values make ties, which must go to the first maximum as in XLA.
+  x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2) / 2
+  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+  w = jnp.arange(ref(x).size, dtype=jnp.float32).reshape(ref(x).shape)
+  np.testing.assert_array_equal(resample.max_pool(x), ref(x))
+  g_ref = jax.grad(lambda x: jnp.sum(ref(x) * w))(x)
+  g = jax.grad(lambda x: jnp.sum(resample.max_pool(x) * w))(x)
+  np.testing.assert_array_equal(g, g_ref)
