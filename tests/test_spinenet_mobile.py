@@ -27,7 +27,7 @@ def jit(f, **kw):
 
 # Reduced-width SpineNet-Mobile: same permutation, MBConv, SE and separable
 # head, small widths.
-TINY = dict(model_id='49XS_mobile', filter_size_scale=0.25,
+TINY = dict(filter_size_scale=0.25,
             endpoints_num_filters=8, head_num_convs=1, head_num_filters=8)
 
 
@@ -37,8 +37,10 @@ def num_params(tree):
 
 # Exact counts (trainable parameters, conv/matmul multiply-adds) of Model
 # Garden's architecture; an independent closed-form count gives the same
-# numbers. Published (reference section 2.5): 2.338M / 0.98B, 1.031M / 0.50B,
-# 0.873M / 0.17B. The last MACs figure is 0.166B rounded to two decimals.
+# numbers. Reference section 2.5 gives 2.338M / 0.98B, 1.031M / 0.50B and
+# 0.873M / 0.17B, to two decimals. Our 49XS count, 0.1658B, rounds to 0.17B
+# but is 2.5% below it, hence the 3% MACs tolerance (the 2% one in issue 6
+# holds for 49 and 49S).
 @pytest.mark.parametrize('model_id,size,params,backbone,macs,published', [
     ('49_mobile', 384, 2_337_579, 2_268_708, 980_858_928, (2.338e6, 0.98e9)),
     ('49S_mobile', 384, 1_030_653, 975_678, 495_890_184, (1.031e6, 0.50e9)),
@@ -214,9 +216,19 @@ def test_squeeze_excitation_and_mbconv_semantics():
   assert out['strided'].shape == (2, 2, 2, 12)
 
 
+def tiny_config():
+  """configs/spinenet49_mobile_coco.py at reduced width, float32."""
+  from configs import spinenet49_mobile_coco
+  config = spinenet49_mobile_coco.get_config()
+  with config.unlocked():
+    config.dtype = 'float32'
+    config.model.update(TINY, num_classes=5, stochastic_depth_rate=0.5)
+  return config
+
+
 @pytest.fixture(scope='module')
 def tiny():
-  model = snj.RetinaNet(num_classes=5, stochastic_depth_rate=0.5, **TINY)
+  model = snj.build_model(tiny_config())
   x = jax.random.normal(jax.random.key(1), (2, 128, 128, 3))
   variables = jit(lambda x: model.init(jax.random.key(0), x))(x)
   # At these widths most squeeze-excitation reductions have one relu unit
@@ -273,3 +285,22 @@ def test_bfloat16_close_to_float32(tiny):
     b = np.asarray(bf16['box_outputs'][level])
     assert b.dtype == np.float32  # head outputs are float32
     assert np.max(np.abs(a - b)) <= 0.05 * np.max(np.abs(a)) + 1e-6
+
+
+def test_config_builds_and_runs_tiny(tiny):
+  from configs import spinenet49_mobile_coco
+  config = spinenet49_mobile_coco.get_config()
+  assert config.model.model_id == '49_mobile'
+  assert config.model.activation == 'hard_swish'
+  assert config.num_epochs == 600 and config.optimizer.weight_decay == 3e-5
+  assert (config.data.aug_scale_min, config.data.aug_scale_max) == (0.5, 2.0)
+  assert config.data.image_size == 384
+  full = snj.build_model(config)
+  assert full.is_mobile and full.dtype == jnp.bfloat16
+  assert full.scaling() == specs.MOBILE_SCALING_MAP['49']
+  # The tiny fixture is this config at reduced width: a forward pass.
+  model, variables, x, infer = tiny
+  assert model.model_id == '49_mobile' and model.activation == 'hard_swish'
+  out = infer(variables, jax.random.key(0))
+  assert out['cls_outputs'][3].shape == (2, 16, 16, 45)
+  assert out['box_outputs'][7].shape == (2, 1, 1, 36)
