@@ -288,3 +288,41 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == '__main__':
   main()
+
+
+# -------------------------------------------------------------- detections
+
+DETECTION_COLOURS = ('#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4',
+                     '#42d4f4', '#f032e6', '#bfef45', '#469990', '#9a6324')
+
+
+def draw_detections(image, detections, caption: str | None = None
+                    ) -> Image.Image:
+  """uint8 RGB image + [{'box': yxyx, 'label', 'score', 'class'}] -> PIL image.
+
+  Boxes get a colour per class and a '<label> <score>' tag; `caption` is
+  written at the top left (e.g. classification results).
+  """
+  import numpy as np
+  img = Image.fromarray(np.asarray(image, np.uint8)).convert('RGB')
+  scale = max(1, round(max(img.size) / 400))
+  d = ImageDraw.Draw(img)
+  try:
+    font = ImageFont.load_default(size=11 * scale)
+  except TypeError:
+    font = ImageFont.load_default()
+  for det in detections:
+    y0, x0, y1, x1 = det['box']
+    colour = DETECTION_COLOURS[int(det.get('class', 0)) %
+                               len(DETECTION_COLOURS)]
+    d.rectangle((x0, y0, x1, y1), outline=colour, width=2 * scale)
+    tag = f'{det.get("label", det.get("class"))} {det.get("score", 0):.2f}'
+    l, t, r, b = d.textbbox((0, 0), tag, font=font)
+    ty = y0 - (b - t) - 4 if y0 - (b - t) - 4 >= 0 else y0
+    d.rectangle((x0, ty, x0 + (r - l) + 4, ty + (b - t) + 4), fill=colour)
+    d.text((x0 + 2 - l, ty + 2 - t), tag, fill='white', font=font)
+  if caption:
+    l, t, r, b = d.textbbox((0, 0), caption, font=font)
+    d.rectangle((0, 0, (r - l) + 6, (b - t) + 6), fill='black')
+    d.text((3 - l, 3 - t), caption, fill='white', font=font)
+  return img

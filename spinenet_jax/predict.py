@@ -1,0 +1,112 @@
+"""Runs a trained detector on image files; writes annotated PNGs and JSON.
+
+```sh
+python -m spinenet_jax.predict --workdir=runs/demo --image=a.jpg --image=b.png --output=out/
+```
+
+For each input `NAME.ext` it writes `OUT/NAME.png` (the image with its
+detections drawn: box, class name and score) and `OUT/NAME.json`
+(`{"image", "height", "width", "step", "detections": [{"box": [ymin, xmin,
+ymax, xmax], "score", "class", "label"}]}` in the image's pixels), plus
+`OUT/detections.json` with all images. A classification run writes the
+top-k classes instead (`classifications`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from spinenet_jax.draw import draw_detections
+from spinenet_jax import inference
+
+
+def read_image(path: str) -> np.ndarray:
+  with Image.open(path) as im:
+    return np.asarray(im.convert('RGB'))
+
+
+def _unique_names(paths: Sequence[str]) -> list[str]:
+  names, seen = [], {}
+  for p in paths:
+    base = os.path.splitext(os.path.basename(p))[0] or 'image'
+    n = seen.get(base, 0)
+    seen[base] = n + 1
+    names.append(base if n == 0 else f'{base}_{n}')
+  return names
+
+
+def predict(run: inference.Run, paths: Sequence[str], output: str,
+            score_threshold: float | None = None, batch_size: int = 8,
+            k: int = 5) -> list[dict]:
+  """Writes `output/NAME.png` and `NAME.json` per image; returns the records."""
+  os.makedirs(output, exist_ok=True)
+  records = []
+  names = _unique_names(paths)
+  for start in range(0, len(paths), batch_size):
+    chunk = paths[start:start + batch_size]
+    images = [read_image(p) for p in chunk]
+    if run.is_detection:
+      det = run.detect(images, score_threshold=score_threshold)
+    else:
+      cls = run.classify(images, k=k)
+    for i, (path, image) in enumerate(zip(chunk, images)):
+      name = names[start + i]
+      rec = {'image': os.path.abspath(path), 'height': int(image.shape[0]),
+             'width': int(image.shape[1]), 'step': int(run.step)}
+      if run.is_detection:
+        n = int(det['num_detections'][i])
+        rec['detections'] = [
+            {'box': [round(float(v), 2) for v in det['boxes'][i, j]],
+             'score': round(float(det['scores'][i, j]), 4),
+             'class': int(det['classes'][i, j]),
+             'label': inference.class_name(run.labels, det['classes'][i, j])}
+            for j in range(n)]
+        picture = draw_detections(image, rec['detections'])
+      else:
+        rec['classifications'] = [
+            {'class': int(c), 'label': lab, 'probability': round(float(p), 4)}
+            for c, lab, p in zip(cls['classes'][i], cls['labels'][i],
+                                 cls['probabilities'][i])]
+        picture = draw_detections(image, [], caption=', '.join(
+            f'{c["label"]} {c["probability"]:.2f}'
+            for c in rec['classifications'][:3]))
+      picture.save(os.path.join(output, name + '.png'))
+      rec['output'] = os.path.join(os.path.abspath(output), name + '.png')
+      with open(os.path.join(output, name + '.json'), 'w') as f:
+        json.dump(rec, f, indent=1)
+      records.append(rec)
+  with open(os.path.join(output, 'detections.json'), 'w') as f:
+    json.dump(records, f, indent=1)
+  return records
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--workdir', required=True,
+                 help='training run directory (or WORKDIR/checkpoints/STEP)')
+  p.add_argument('--image', action='append', required=True,
+                 help='an image file; repeat for more')
+  p.add_argument('--output', required=True, help='output directory')
+  p.add_argument('--step', type=int, default=None,
+                 help='checkpoint step (default: latest)')
+  p.add_argument('--score_threshold', type=float, default=None,
+                 help="default: the run's config.eval.score_threshold")
+  p.add_argument('--batch_size', type=int, default=8)
+  args = p.parse_args(argv)
+  run = inference.load_checkpoint(args.workdir, step=args.step)
+  records = predict(run, args.image, args.output, args.score_threshold,
+                    args.batch_size)
+  for rec in records:
+    n = len(rec.get('detections', rec.get('classifications', [])))
+    what = 'detections' if run.is_detection else 'classes'
+    print(f'{rec["image"]}: {n} {what} -> {rec["output"]}')
+
+
+if __name__ == '__main__':
+  main()
