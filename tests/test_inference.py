@@ -21,6 +21,7 @@ from spinenet_jax import draw
 from spinenet_jax import inference
 from spinenet_jax import predict
 from spinenet_jax import train_lib
+from spinenet_jax.detection import postprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,7 +136,24 @@ def test_detect_list_of_sizes(det_run):
     assert (det['classes'][i, :n] >= 1).all()
     assert (det['classes'][i, :n] <= 3).all()
     assert np.all(np.diff(det['scores'][i, :n]) <= 1e-6)
-  assert det['boxes'][1, :, 2].max() > 128
+  # Same as running the model on the padded resized batch, boxes / scale.
+  batch, scales, sizes = inference.detection_inputs(images, 128)
+  np.testing.assert_allclose(scales, [128 / 150, 128 / 200], rtol=1e-6)
+  assert batch.shape == (2, 128, 128, 3)
+  assert np.all(batch[1, :, 58:] == 0)  # 90 * 0.64 = 57.6 -> 58 columns.
+  out = det_run.model.apply(det_run.variables, batch, train=False)
+  ec = det_run.config.eval
+  ref = postprocess.detect(
+      out['cls_outputs'], out['box_outputs'],
+      train_lib.make_anchors(det_run.model, 128),
+      np.round(sizes * scales[:, None]), pre_nms_top_k=ec.pre_nms_top_k,
+      score_threshold=0.0, iou_threshold=ec.iou_threshold, max_detections=20)
+  np.testing.assert_array_equal(ref['num_detections'], det['num_detections'])
+  np.testing.assert_allclose(det['scores'], ref['scores'], atol=1e-5)
+  np.testing.assert_allclose(
+      det['boxes'], np.minimum(np.asarray(ref['boxes']) / scales[:, None, None],
+                               np.tile(sizes[:, None], (1, 1, 2))),
+      atol=0.05)
   # A batch array gives the same result as the list for one size.
   one = det_run.detect(np.stack([images[0]] * 2), score_threshold=0.0,
                        max_detections=20)
