@@ -5,7 +5,7 @@ WORKDIR ?= runs/demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean parity
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,22 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# Checks the Model Garden import against Model Garden itself: a separate venv
+# with tf-models-official (not a dependency of this project) and this
+# project, then the parity test (SpineNet 49S, 49, 96, Mobile-49 RetinaNets;
+# PARITY_MODEL_IDS=49,96 picks others).
+PARITY_VENV ?= .venv-parity
+PARITY_PY := $(PARITY_VENV)/bin/python
+PARITY_STAMP := $(PARITY_VENV)/.installed
+
+$(PARITY_STAMP): pyproject.toml
+	test -x $(PARITY_PY) || $(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_PY) -m pip install --quiet --upgrade pip
+	$(PARITY_PY) -m pip install --quiet tf-models-official
+	$(PARITY_PY) -m pip install --quiet jax flax optax orbax-checkpoint ml-collections pytest
+	$(PARITY_PY) -m pip install --quiet --no-deps -e .
+	touch $(PARITY_STAMP)
+
+parity: $(PARITY_STAMP)
+	$(PARITY_PY) -m pytest -p no:cacheprovider -s -k parity tests/test_convert_model_garden.py
