@@ -518,15 +518,42 @@ def convert_arrays(arrays: dict[str, np.ndarray], full_names: dict[str, str],
         f'{model.model_id} ({len(problems)} problems):\n  ' +
         '\n  '.join(problems))
   if head_init:
-    fresh = traverse_util.flatten_dict(jax.device_get(
-        jax.jit(lambda: model.init(jax.random.key(seed),
-                                   jnp.zeros((1, size, size, 3)),
-                                   train=False))()), sep='/')
+    fresh = traverse_util.flatten_dict(_fresh_head(model, seed), sep='/')
     for k in head_init:
       values[k] = np.asarray(fresh[k])
   nested = traverse_util.unflatten_dict(values, sep='/')
   nested.setdefault('batch_stats', {})
   return nested
+
+
+def _fresh_head(model, seed: int) -> dict[str, Any]:
+  """Newly initialised head variables ({'params': {'head': ...}, ...}),
+  built as `models.RetinaNet` / `models.Classifier` build their heads, on
+  small zero features (cheaper than initialising the whole model)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from spinenet_jax import heads  # pylint: disable=g-import-not-at-top
+  bb = _backbone_module(model)
+  width = bb._setting('endpoints_num_filters')  # pylint: disable=protected-access
+  feats = {l: jnp.zeros((1, 2 ** (model.max_level - l), 2 ** (
+      model.max_level - l), width)) for l in range(model.min_level,
+                                                    model.max_level + 1)}
+  if hasattr(model, 'num_anchors'):
+    s = model.scaling()
+    head = heads.RetinaNetHead(
+        model.num_classes, model.num_anchors,
+        s.head_num_convs if model.head_num_convs is None
+        else model.head_num_convs,
+        s.head_num_filters if model.head_num_filters is None
+        else model.head_num_filters,
+        model.resolved_activation(), model.bn_momentum, model.bn_epsilon,
+        use_separable_conv=(getattr(s, 'head_use_separable_conv', False)
+                            if model.head_use_separable_conv is None
+                            else model.head_use_separable_conv))
+  else:
+    head = heads.ClassificationHead(model.num_classes, model.dropout_rate)
+  v = head.init(jax.random.key(seed), feats, train=False)
+  return {col: {'head': tree} for col, tree in v.items()}
 
 
 def write_run(output: str, config, variables: dict[str, Any]) -> None:
