@@ -24,7 +24,9 @@ def hard_sigmoid(x: jax.Array) -> jax.Array:
 
 
 def hard_swish(x: jax.Array) -> jax.Array:
-  return x * hard_sigmoid(x)
+  """Model Garden's hard swish: x * relu6(x + 3) / 6 (exactly 1/6 here,
+  unlike its hard sigmoid's 0.16667)."""
+  return x * jax.nn.relu6(x + 3.0) * (1.0 / 6.0)
 
 
 ACTIVATIONS = {
