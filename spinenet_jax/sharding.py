@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -11,8 +11,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 MESH_AXES = ('data', 'model')
 
 
-def create_mesh(mesh_config: Any = None) -> jax.sharding.Mesh:
-  """A ('data', 'model') mesh over all devices.
+def create_mesh(mesh_config: Any = None,
+                devices: Sequence[jax.Device] | None = None
+                ) -> jax.sharding.Mesh:
+  """A ('data', 'model') mesh over `devices` (default: all devices).
 
   `mesh_config.data` may be -1 (all devices not used by `model`);
   `mesh_config.model` (default 1) partitions large images spatially.
@@ -20,7 +22,7 @@ def create_mesh(mesh_config: Any = None) -> jax.sharding.Mesh:
   mesh_config = mesh_config or {}
   model = int(mesh_config.get('model', 1) or 1)
   data = int(mesh_config.get('data', -1) or -1)
-  n = jax.device_count()
+  n = jax.device_count() if devices is None else len(devices)
   if data == -1:
     if n % model:
       raise ValueError(f'mesh.model={model} does not divide the {n} devices.')
@@ -29,7 +31,8 @@ def create_mesh(mesh_config: Any = None) -> jax.sharding.Mesh:
     raise ValueError(f'mesh data={data} x model={model} does not match the '
                      f'{n} devices.')
   return jax.make_mesh((data, model), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
