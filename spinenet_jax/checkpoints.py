@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -18,20 +19,40 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+# Arrays smaller than this are written whole by one replica rather than split
+# across the replicas that hold them: splitting costs a sliced copy (and, the
+# first time, a compilation) per array and replica, which only pays off for
+# large arrays.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  th = ocp.type_handlers
+  registry = th.create_type_handler_registry(
+      (jax.Array, th.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=(
+              MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL))),
+      (np.ndarray, th.NumpyHandler()),
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()),
+      (np.number, th.ScalarHandler()), (str, th.StringHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def create_manager(workdir: str, keep: int = 3,
                    async_save: bool = True) -> ocp.CheckpointManager:
   """A manager for `WORKDIR/checkpoints/<step>` keeping the last `keep`."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers={'state': _state_handler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          force: bool = False) -> bool:
   """Starts an (async) save of `state` at `step`."""
   return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state)), force=force)
+      state=ocp.args.PyTreeSave(state)), force=force)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
@@ -47,12 +68,49 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
     raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+        state=ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract_state))))
   except Exception as e:  # Orbax raises many types for damaged files.
     raise ValueError(f'Checkpoint {manager.directory}/{step} cannot be '
                      f'restored (corrupt, incomplete or from a different '
                      f'model): {type(e).__name__}: {e}') from e
   return restored.state
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the finished checkpoints in `WORKDIR/checkpoints`, ascending.
+
+  Orbax writes into a temporary directory and renames it to `<step>` when
+  the save is complete, so unfinished saves are not listed.
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def restore_arrays(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """A saved train state as nested dicts of NumPy arrays, without a model.
+
+  Returns the state at `step` (default: the latest) with the fields of
+  `train_lib.TrainState` as keys ('step', 'params', 'batch_stats',
+  'opt_state', 'ema_params'), for inspection, comparison and conversion
+  on any number of devices.
+  """
+  steps = saved_steps(workdir)
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f'No checkpoint in {checkpoint_dir(workdir)}.')
+    step = steps[-1]
+  path = os.path.join(checkpoint_dir(workdir), str(step), 'state')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(
+        path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
