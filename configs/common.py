@@ -26,7 +26,13 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.dtype = 'float32'  # compute dtype; params stay float32
   c.model = ml_collections.ConfigDict(dict(
       model_id='49', activation='swish', stochastic_depth_rate=0.0,
-      bn_momentum=0.99, bn_epsilon=1e-3))
+      bn_momentum=0.99, bn_epsilon=1e-3,
+      # None: from the model id's scaling map; typed so that they can be set
+      # from the command line (--config.model.filter_size_scale=0.25).
+      endpoints_num_filters=config_dict.placeholder(int),
+      filter_size_scale=config_dict.placeholder(float),
+      resample_alpha=config_dict.placeholder(float),
+      block_repeats=config_dict.placeholder(int)))
   c.data = data_config(dataset)
   c.batch_size = 256  # global
   c.total_steps = 0  # 0: from num_epochs
@@ -53,6 +59,10 @@ def detection_config(dataset: str = 'coco/2017') -> ml_collections.ConfigDict:
   c.model.num_classes = 91
   c.model.num_scales = 3
   c.model.aspect_ratios = (0.5, 1.0, 2.0)
+  c.model.anchor_size = config_dict.placeholder(float)
+  c.model.head_num_convs = config_dict.placeholder(int)
+  c.model.head_num_filters = config_dict.placeholder(int)
+  c.model.head_use_separable_conv = config_dict.placeholder(bool)
   c.loss = ml_collections.ConfigDict(dict(
       box_loss_weight=50.0, focal_alpha=0.25, focal_gamma=1.5,
       huber_delta=0.1))
