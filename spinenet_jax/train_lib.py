@@ -80,8 +80,10 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, batch_size: int,
   warmup = min(int(opt.get('warmup_steps', 0)), steps)
   start = opt.get('warmup_learning_rate', 0.0)
   if opt.schedule == 'step':
-    boundaries = {int(f * steps): opt.get('decay_factor', 0.1)
-                  for f in opt.get('decay_at', ())}
+    boundaries = {}  # Step -> factor; decays at the same step compound.
+    for f in opt.get('decay_at', ()):
+      b = int(f * steps)
+      boundaries[b] = boundaries.get(b, 1.0) * opt.get('decay_factor', 0.1)
     main = optax.piecewise_constant_schedule(peak, {
         b - warmup: s for b, s in boundaries.items() if b > warmup})
   elif opt.schedule == 'cosine':
@@ -212,7 +214,7 @@ def make_train_step(model, config, tx, schedule, state_shardings, mesh):
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                          ema, params)
     metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step),
-                   grad_norm=optax.global_norm(grads))
+                   grad_norm=optax.tree.norm(grads))
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state, ema)
     return new_state, metrics
 
@@ -368,11 +370,57 @@ def _check_finite(metrics: dict[str, Any], step: int) -> None:
         'learning rate or enable config.optimizer.grad_clip_norm.')
 
 
+def _any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any (a collective)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(
+      np.array([flag], np.int32))))
+
+
+def _wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """A barrier of the distributed runtime (not a device collective)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None:  # Not expected after jax.distributed.initialize.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+def _compile_then_sync(fn, *args):
+  """Compiles the jitted `fn` for `args`, then waits for every process.
+
+  Processes can finish compiling far apart (one hits the persistent
+  compilation cache, another compiles). CPU (gloo) collectives give up when
+  peers reach their first collective about 30 s apart, so the step is
+  compiled ahead and the processes start it together.
+  """
+  compiled = fn.lower(*args).compile()
+  _wait_for_all_processes(f'spinenet_jax_compiled_{fn.__name__}')
+  return compiled
+
+
+def _every(step: int, n: int | None) -> bool:
+  """Whether `step` is a multiple of `n` (never when `n` is 0 or None)."""
+  return bool(n) and step % n == 0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates.
 
-  Returns the final evaluation metrics and the final step.
+  Returns the final evaluation metrics and the final step (with
+  'preempted': True, and no evaluation, when SIGTERM stopped the run after
+  saving a checkpoint).
+
+  Raises:
+    NonFiniteLossError: when the loss becomes NaN or infinite; checkpoints
+      saved before that step are kept.
   """
   import input_pipeline  # Kept out of module import: TF is heavy.
   data = _data_module(config)
@@ -390,22 +438,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config.get('async_checkpoints', True))
 
   try:
-    return _train_loop(config, workdir, data, mesh, model, steps, schedule, tx,
-                       writer, manager)
+    with _Preemption() as preempt:
+      return _train_loop(config, data, mesh, model, steps, schedule, tx,
+                         writer, manager, preempt)
   finally:
     manager.wait_until_finished()
     manager.close()
 
 
-def _train_loop(config, workdir, data, mesh, model, steps, schedule, tx,
-                writer, manager):
+def _initial_state(model, tx, config, mesh, manager, writer):
+  """The latest checkpoint's state, else a fresh one; and its shardings.
+
+  A resumed run restores straight onto the current mesh's shardings without
+  initialising (and compiling the initialiser) first.
+  """
+  if manager.latest_step() is None:
+    return create_state(model, tx, config, mesh)
+  shardings = jax.tree.map(
+      lambda _: sharding.replicated(mesh),
+      jax.eval_shape(lambda: init_state(model, tx, config)))
+  state = checkpoints.restore(
+      manager, abstract_state(model, tx, config, shardings))
+  writer.print(f'Resumed from {manager.directory}/{manager.latest_step()}.')
+  return state, shardings
+
+
+def _train_loop(config, data, mesh, model, steps, schedule, tx, writer,
+                manager, preempt):
   t0 = time.time()
   with jax.set_mesh(mesh):
-    state, shardings = create_state(model, tx, config, mesh)
-    if manager.latest_step() is not None:
-      state = checkpoints.restore(
-          manager, abstract_state(model, tx, config, shardings))
-      writer.print(f'Resumed from {manager.directory}/{manager.latest_step()}.')
+    state, shardings = _initial_state(model, tx, config, mesh, manager,
+                                      writer)
     start = int(state.step)
     train_step = make_train_step(model, config, tx, schedule, shardings, mesh)
     eval_step = make_eval_step(model, config, mesh)
@@ -427,47 +490,65 @@ def _train_loop(config, workdir, data, mesh, model, steps, schedule, tx,
       return metrics
 
     eval_metrics, pending, acc = {}, None, []
-    tick, done_at_tick = time.time(), start
+    # Throughput is timed from the end of the first step (compilation).
+    tick, done_at_tick = None, start
     log_every = config.get('log_every_steps', 50)
-    with _Preemption() as preempt:
-      step = start
-      while step < steps:
+    ckpt_every = config.get('checkpoint_every_steps', 1000)
+    multi = jax.process_count() > 1
+    step, batch = start, None
+    if step < steps:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      train_step = _compile_then_sync(train_step, state, batch)
+    while step < steps:
+      if batch is None:
         batch = sharding.global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, batch)
-        if pending is not None:  # Check the previous step while this one runs.
-          _check_finite(pending, step)
-          acc.append(pending)
-        pending = metrics
-        step += 1
-        save_now = (step % config.get('checkpoint_every_steps', 1000) == 0
-                    or step == steps or preempt.requested)
-        if step % log_every == 0 or step == steps or save_now:
-          _check_finite(pending, step)
-          acc.append(pending)
-          pending = None
-        if (step % log_every == 0 or step == steps) and acc:
-          means = {k: float(np.mean([float(m[k]) for m in acc]))
-                   for k in acc[0]}
-          acc = []
-          now = time.time()
+      state, metrics = train_step(state, batch)
+      batch = None
+      if pending is not None:  # Check the previous step while this one runs.
+        _check_finite(pending, step)
+        acc.append(pending)
+      pending = metrics
+      step += 1
+      if tick is None:
+        jax.block_until_ready(metrics)
+        tick, done_at_tick = time.time(), step
+      log_now = _every(step, log_every) or step == steps
+      # Processes agree on a SIGTERM where they block anyway (log steps), so
+      # that all of them save the same step; one process acts at once.
+      stop = (_any_process(preempt.requested) if multi and log_now
+              else preempt.requested and not multi)
+      save_now = _every(step, ckpt_every) or step == steps or stop
+      if log_now or save_now:
+        _check_finite(pending, step)
+        acc.append(pending)
+        pending = None
+      if log_now and acc:
+        means = {k: float(np.mean([float(m[k]) for m in acc]))
+                 for k in acc[0]}
+        acc = []
+        now = time.time()
+        speed = ''
+        if step > done_at_tick:
           rate = (step - done_at_tick) * config.batch_size / (now - tick)
-          eta = (steps - step) * config.batch_size / max(rate, 1e-9)
-          writer.write(step, means | {'examples_per_sec': rate})
-          parts = ' '.join(f'{k}={v:.4f}' for k, v in means.items()
-                           if k not in ('learning_rate', 'num_positives'))
-          writer.print(f'step {step}/{steps} {parts} lr={means["learning_rate"]:.4g}'
-                       f' {rate:.1f} ex/s ETA {eta / 60:.1f} min')
-          tick, done_at_tick = now, step
-        if save_now:
-          checkpoints.save(manager, step, state, force=True)
-        if preempt.requested:
-          manager.wait_until_finished()
-          writer.print(f'SIGTERM: saved step {step} and stopped.')
-          return {'step': step, 'preempted': True}
-        if (config.get('eval_every_steps') and step % config.eval_every_steps == 0
-            and step < steps):
-          eval_metrics = run_eval(step)
-      if start < steps or not eval_metrics:
-        eval_metrics = run_eval(steps)
+          eta = (steps - step) * config.batch_size / rate
+          means['examples_per_sec'] = rate
+          speed = f' {rate:.1f} ex/s ETA {eta / 60:.1f} min'
+        writer.write(step, means)
+        parts = ' '.join(f'{k}={v:.4f}' for k, v in means.items()
+                         if k not in ('learning_rate', 'num_positives',
+                                      'examples_per_sec'))
+        writer.print(f'step {step}/{steps} {parts} '
+                     f'lr={means["learning_rate"]:.4g}{speed}')
+        tick, done_at_tick = now, step
+      if save_now:
+        checkpoints.save(manager, step, state, force=True)
+      if stop:
+        manager.wait_until_finished()
+        writer.print(f'SIGTERM: saved step {step} and stopped.')
+        return {'step': step, 'preempted': True}
+      if (_every(step, config.get('eval_every_steps')) and step < steps):
+        eval_metrics = run_eval(step)
+    if start < steps or not eval_metrics:
+      eval_metrics = run_eval(steps)
   writer.print(f'Done: {steps} steps in {time.time() - t0:.0f} s.')
   return {'step': steps, **eval_metrics}
