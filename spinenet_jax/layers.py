@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spinenet_jax import specs
+
 Dtype = Any
 
 conv_kernel_init = nn.initializers.variance_scaling(
@@ -203,7 +205,7 @@ def block_group(x: jax.Array, train: bool, block_fn: str, filters: int,
   Must be called inside a compact module (modules are named `name_r`).
   """
   cls = BLOCKS[block_fn]
-  out_ch = 4 * filters if block_fn == 'bottleneck' else filters
+  out_ch = specs.block_channels(block_fn, filters)
   use_projection = not (x.shape[-1] == out_ch and strides == 1)
   for r in range(repeats):
     x = cls(filters, strides if r == 0 else 1, use_projection and r == 0,
