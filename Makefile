@@ -29,8 +29,9 @@ clean:
 
 # Checks the Model Garden import against Model Garden itself: a separate venv
 # with tf-models-official (not a dependency of this project) and this
-# project, then the parity test (SpineNet 49S, 49, 96, Mobile-49 RetinaNets;
-# PARITY_MODEL_IDS=49,96 picks others).
+# project, then the parity tests: outputs of converted SpineNet 49S, 49, 96,
+# Mobile-49 RetinaNets (PARITY_MODEL_IDS=49,96 picks others), and our MACs
+# against those counted in Model Garden's TF graph.
 PARITY_VENV ?= .venv-parity
 PARITY_PY := $(PARITY_VENV)/bin/python
 PARITY_STAMP := $(PARITY_VENV)/.installed
