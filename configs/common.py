@@ -44,6 +44,7 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd',  # 'sgd' (with momentum) or 'adamw'
       base_learning_rate=0.32,  # peak = base * batch_size / 256
       momentum=0.9, schedule='step', warmup_steps=2000,
       warmup_learning_rate=0.0067, decay_at=(), decay_factor=0.1,

@@ -105,16 +105,29 @@ def conv_kernel_mask(params: Any) -> Any:
 
 def create_optimizer(opt: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """L2 on conv kernels (as Model Garden's kernel regulariser), optional
-  global-norm clipping, then SGD with momentum."""
-  parts = []
-  if opt.get('weight_decay'):
-    parts.append(optax.add_decayed_weights(opt.weight_decay, conv_kernel_mask))
-  if opt.get('grad_clip_norm'):
-    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  parts.append(optax.sgd(schedule, momentum=opt.get('momentum', 0.9),
-                         nesterov=opt.get('nesterov', False)))
-  return optax.chain(*parts)
+  """The optimizer of `opt.name` with weight decay on conv kernels only.
+
+  'sgd' (the default; Model Garden's recipes): L2 on conv kernels added to
+  the gradient (as Model Garden's kernel regulariser), optional global-norm
+  clipping, then SGD with momentum. 'adamw': optional clipping, then Adam
+  with decoupled weight decay on conv kernels (`weight_decay` times the
+  learning rate), which converges faster in short runs from scratch.
+  """
+  name = opt.get('name', 'sgd')
+  clip = ([optax.clip_by_global_norm(opt.grad_clip_norm)]
+          if opt.get('grad_clip_norm') else [])
+  if name == 'sgd':
+    decay = ([optax.add_decayed_weights(opt.weight_decay, conv_kernel_mask)]
+             if opt.get('weight_decay') else [])
+    return optax.chain(*decay, *clip, optax.sgd(
+        schedule, momentum=opt.get('momentum', 0.9),
+        nesterov=opt.get('nesterov', False)))
+  if name == 'adamw':
+    return optax.chain(*clip, optax.adamw(
+        schedule, b1=opt.get('b1', 0.9), b2=opt.get('b2', 0.999),
+        eps=opt.get('eps', 1e-8), weight_decay=opt.get('weight_decay', 0.0),
+        mask=conv_kernel_mask))
+  raise ValueError(f"Unknown optimizer {name!r}; expected 'sgd' or 'adamw'.")
 
 
 # --------------------------------------------------------------------- state

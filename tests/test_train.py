@@ -312,6 +312,28 @@ def test_classification_loss_decreases(data_dir, tmp_path):
   assert 'top-1' in out and checkpoints.saved_steps(tmp_path) == [20]
 
 
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+def test_optimizer_decays_only_conv_kernels(name):
+  """With a zero gradient, only the 4-D conv kernel moves (weight decay)."""
+  opt = load_config('demo', {'optimizer.name': name,
+                             'optimizer.weight_decay': 0.1}).optimizer
+  tx = train_lib.create_optimizer(opt, lambda step: 0.5)
+  params = {'conv': {'kernel': np.ones((3, 3, 2, 2), np.float32)},
+            'dense': {'kernel': np.ones((2, 2), np.float32)},
+            'norm': {'scale': np.ones((2,), np.float32)}}
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert np.all(np.asarray(updates['conv']['kernel']) < 0)
+  assert not np.any(np.asarray(updates['dense']['kernel']))
+  assert not np.any(np.asarray(updates['norm']['scale']))
+
+
+def test_unknown_optimizer_is_named():
+  opt = load_config('demo', {'optimizer.name': 'lamb'}).optimizer
+  with pytest.raises(ValueError, match="'lamb'"):
+    train_lib.create_optimizer(opt, lambda step: 0.1)
+
+
 def test_sharded_step_equals_one_device_step(data_dir):
   """8-way data parallelism gives the 1-device loss and (sync) BN stats."""
   from input_pipeline import detection  # pylint: disable=g-import-not-at-top
