@@ -32,7 +32,8 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       endpoints_num_filters=config_dict.placeholder(int),
       filter_size_scale=config_dict.placeholder(float),
       resample_alpha=config_dict.placeholder(float),
-      block_repeats=config_dict.placeholder(int)))
+      block_repeats=config_dict.placeholder(int),
+      stem_filters=config_dict.placeholder(int)))  # None: 64 (not mobile)
   c.data = data_config(dataset)
   c.batch_size = 256  # global
   c.total_steps = 0  # 0: from num_epochs

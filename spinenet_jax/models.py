@@ -34,6 +34,7 @@ class _WithBackbone(nn.Module):
   filter_size_scale: float | None = None
   resample_alpha: float | None = None
   block_repeats: int | None = None
+  stem_filters: int | None = None  # SpineNet only; None: 64 (Model Garden).
   activation: str | None = None
   se_ratio: float = 0.2
   expand_ratio: int = 6
@@ -60,6 +61,10 @@ class _WithBackbone(nn.Module):
         raise ValueError(f'resample_alpha does not apply to SpineNet-'
                          f'{self.model_id} (mobile resampling has no 1x1 '
                          'reduction); leave it None.')
+      if self.stem_filters is not None:
+        raise ValueError(f'stem_filters does not apply to SpineNet-'
+                         f'{self.model_id} (its stem width comes from '
+                         'filter_size_scale); leave it None.')
       return SpineNetMobile(
           model_id=self.model_id, block_specs=self.block_specs,
           min_level=self.min_level, max_level=self.max_level,
@@ -77,7 +82,7 @@ class _WithBackbone(nn.Module):
         endpoints_num_filters=self.endpoints_num_filters,
         filter_size_scale=self.filter_size_scale,
         resample_alpha=self.resample_alpha, block_repeats=self.block_repeats,
-        activation=self.resolved_activation(),
+        stem_filters=self.stem_filters, activation=self.resolved_activation(),
         stochastic_depth_rate=self.stochastic_depth_rate,
         bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
         dtype=self.dtype, name='backbone', **kwargs)

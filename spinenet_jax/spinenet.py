@@ -45,6 +45,7 @@ class SpineNet(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   resize_fallback: bool = False
+  stem_filters: int | None = None  # None: 64, Model Garden's fixed width.
   dtype: Any = jnp.float32
 
   def _setting(self, name: str):
@@ -76,8 +77,8 @@ class SpineNet(nn.Module):
     repeats = self._setting('block_repeats')
     height, width = x.shape[1:3]
 
-    # Stem: 7x7/2 conv (always 64 channels), max pool, two level-2 groups.
-    x = layers.ConvBN(64, 7, 2, act, name='stem_conv', **kw)(x, train)
+    # Stem: 7x7/2 conv (64 channels unless set), max pool, two level-2 groups.
+    x = layers.ConvBN(self.stem_filters or 64, 7, 2, act, name='stem_conv', **kw)(x, train)
     x = resample.max_pool(x)
     feats, block_fns = [], []
     for g in range(2):

@@ -116,6 +116,17 @@ def test_custom_permutation_builds_and_runs():
   assert out['cls_outputs'][5].shape == (1, 4, 4, 9 * 4)
 
 
+def test_stem_filters():
+  """The stem is 64 channels (Model Garden) unless `stem_filters` is set."""
+  def stem_kernel(**kw):
+    v = jax.eval_shape(lambda: snj.RetinaNet(
+        num_classes=4, filter_size_scale=0.25, **kw).init(
+            jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+    return v['params']['backbone']['stem_conv']['conv']['kernel'].shape
+  assert stem_kernel() == (7, 7, 3, 64)
+  assert stem_kernel(stem_filters=16) == (7, 7, 3, 16)
+
+
 def test_build_model_rejects_unknown_field():
   config = ml_collections.ConfigDict(
       {'task': 'retinanet', 'model': {'model_id': '49', 'num_clases': 3}})

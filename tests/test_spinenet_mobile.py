@@ -111,6 +111,9 @@ def test_model_ids_and_defaults():
   with pytest.raises(ValueError, match='resample_alpha does not apply'):
     jax.eval_shape(lambda: snj.RetinaNet(model_id='49_mobile', resample_alpha=0.5).init(
         jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+  with pytest.raises(ValueError, match='stem_filters does not apply'):
+    jax.eval_shape(lambda: snj.RetinaNet(model_id='49_mobile', stem_filters=16).init(
+        jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
   with pytest.raises(ValueError, match="unknown block type 'bottleneck'"):
     bad = list(specs.SPINENET_MOBILE_BLOCK_SPECS)
     bad[3] = bad[3]._replace(block_fn='bottleneck')
