@@ -372,7 +372,10 @@ def test_sharded_step_equals_one_device_step(data_dir):
   (losses8, state8), (losses1, state1) = results[8], results[1]
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
   # BN statistics after one and two steps: global over the batch, as on 1.
-  assert_trees(state8.batch_stats, state1.batch_stats, rtol=1e-5, atol=1e-6)
+  # Each step adds (1 - momentum) x the batch statistic, so the absolute
+  # tolerance bounds the batch statistics' difference by 1e-4.
+  atol = 1e-4 * (1 - config.model.bn_momentum)
+  assert_trees(state8.batch_stats, state1.batch_stats, rtol=1e-5, atol=atol)
   assert_trees(state8.params, state1.params, rtol=1e-4, atol=1e-6)
 
 
