@@ -78,7 +78,8 @@ class SpineNet(nn.Module):
     height, width = x.shape[1:3]
 
     # Stem: 7x7/2 conv (64 channels unless set), max pool, two level-2 groups.
-    x = layers.ConvBN(self.stem_filters or 64, 7, 2, act, name='stem_conv', **kw)(x, train)
+    x = layers.ConvBN(self.stem_filters or 64, 7, 2, act, name='stem_conv',
+                      **kw)(x, train)
     x = resample.max_pool(x)
     feats, block_fns = [], []
     for g in range(2):

@@ -150,20 +150,27 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation,
       ema_params=params if config.optimizer.get('ema_decay') else None)
 
 
+def _replicated(abstract: Any, mesh) -> Any:
+  return jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+
+
 def create_state(model, tx, config, mesh) -> tuple[TrainState, Any]:
   """Creates the state directly with replicated shardings on the mesh."""
   init = lambda: init_state(model, tx, config)
-  abstract = jax.eval_shape(init)
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  shardings = _replicated(jax.eval_shape(init), mesh)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
 def abstract_state(model, tx, config, shardings) -> TrainState:
   """Shapes, dtypes and shardings of the state (a restore target)."""
-  abstract = jax.eval_shape(lambda: init_state(model, tx, config))
-  return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, shardings)
+  return _with_shardings(
+      jax.eval_shape(lambda: init_state(model, tx, config)), shardings)
 
 
 # --------------------------------------------------------------------- steps
@@ -467,11 +474,9 @@ def _initial_state(model, tx, config, mesh, manager, writer):
   """
   if manager.latest_step() is None:
     return create_state(model, tx, config, mesh)
-  shardings = jax.tree.map(
-      lambda _: sharding.replicated(mesh),
-      jax.eval_shape(lambda: init_state(model, tx, config)))
-  state = checkpoints.restore(
-      manager, abstract_state(model, tx, config, shardings))
+  abstract = jax.eval_shape(lambda: init_state(model, tx, config))
+  shardings = _replicated(abstract, mesh)
+  state = checkpoints.restore(manager, _with_shardings(abstract, shardings))
   writer.print(f'Resumed from {manager.directory}/{manager.latest_step()}.')
   return state, shardings
 

@@ -145,39 +145,45 @@ def _randomize_mg(model, seed=0):
     var.assign(value.astype(np.float32))
 
 
+def _mg_backbone_and_head(model_id: str, size: int):
+  """Model Garden's own SpineNet(-Mobile) and RetinaNet head (91 classes)."""
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  from official.vision.modeling.backbones import spinenet  # pylint: disable=g-import-not-at-top
+  from official.vision.modeling.backbones import spinenet_mobile  # pylint: disable=g-import-not-at-top
+  from official.vision.modeling.heads import dense_prediction_heads  # pylint: disable=g-import-not-at-top
+  from spinenet_jax import specs  # pylint: disable=g-import-not-at-top
+
+  spec = tf_keras.layers.InputSpec(shape=[None, size, size, 3])
+  if specs.is_mobile(model_id):
+    s = specs.get_mobile_scaling(model_id)
+    act = s.activation
+    backbone = spinenet_mobile.SpineNetMobile(
+        input_specs=spec, activation=act, se_ratio=0.2, expand_ratio=6,
+        **spinenet_mobile.SCALING_MAP[model_id[:-len('_mobile')]])
+  else:
+    s = specs.get_scaling(model_id)
+    act = 'swish'
+    backbone = spinenet.SpineNet(input_specs=spec, activation=act,
+                                 **spinenet.SCALING_MAP[model_id])
+  head = dense_prediction_heads.RetinaNetHead(
+      min_level=3, max_level=7, num_classes=91, num_anchors_per_location=9,
+      activation=act, num_convs=s.head_num_convs,
+      num_filters=s.head_num_filters,
+      use_separable_conv=specs.is_mobile(model_id))
+  return backbone, head
+
+
 @pytest.mark.parametrize('model_id', PARITY_IDS)
 def test_parity_with_model_garden(model_id, tmp_path):
   pytest.importorskip('official')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tf_keras  # pylint: disable=g-import-not-at-top
   from official.vision.modeling import retinanet_model  # pylint: disable=g-import-not-at-top
-  from official.vision.modeling.backbones import spinenet  # pylint: disable=g-import-not-at-top
-  from official.vision.modeling.backbones import spinenet_mobile  # pylint: disable=g-import-not-at-top
-  from official.vision.modeling.heads import dense_prediction_heads  # pylint: disable=g-import-not-at-top
   from official.vision.modeling.layers import detection_generator  # pylint: disable=g-import-not-at-top
-  from spinenet_jax import specs  # pylint: disable=g-import-not-at-top
 
   size = 256
   tf_keras.utils.set_random_seed(0)
-  spec = tf_keras.layers.InputSpec(shape=[None, size, size, 3])
-  if specs.is_mobile(model_id):
-    key = model_id[:-len('_mobile')]
-    s = specs.get_mobile_scaling(model_id)
-    act = s.activation
-    backbone = spinenet_mobile.SpineNetMobile(
-        input_specs=spec, activation=act, se_ratio=0.2, expand_ratio=6,
-        **spinenet_mobile.SCALING_MAP[key])
-    head = dict(num_convs=s.head_num_convs, num_filters=s.head_num_filters,
-                use_separable_conv=True)
-  else:
-    s = specs.get_scaling(model_id)
-    act = 'swish'
-    backbone = spinenet.SpineNet(input_specs=spec, activation=act,
-                                 **spinenet.SCALING_MAP[model_id])
-    head = dict(num_convs=s.head_num_convs, num_filters=s.head_num_filters)
-  head = dense_prediction_heads.RetinaNetHead(
-      min_level=3, max_level=7, num_classes=91, num_anchors_per_location=9,
-      activation=act, **head)
+  backbone, head = _mg_backbone_and_head(model_id, size)
   model = retinanet_model.RetinaNetModel(
       backbone, None, head, detection_generator.MultilevelDetectionGenerator(),
       min_level=3, max_level=7, num_scales=3, aspect_ratios=[0.5, 1.0, 2.0],
@@ -236,35 +242,15 @@ def test_parity_macs_with_model_garden(model_id, size):
   with Model Garden's 128-channel endpoints.
   """
   pytest.importorskip('official')
-  import tf_keras  # pylint: disable=g-import-not-at-top
-  from official.vision.modeling.backbones import spinenet  # pylint: disable=g-import-not-at-top
-  from official.vision.modeling.backbones import spinenet_mobile  # pylint: disable=g-import-not-at-top
-  from official.vision.modeling.heads import dense_prediction_heads  # pylint: disable=g-import-not-at-top
   from spinenet_jax import specs, summary  # pylint: disable=g-import-not-at-top
 
-  spec = tf_keras.layers.InputSpec(shape=[None, size, size, 3])
-  if specs.is_mobile(model_id):
-    s = specs.get_mobile_scaling(model_id)
-    backbone = spinenet_mobile.SpineNetMobile(
-        input_specs=spec, activation=s.activation, se_ratio=0.2,
-        expand_ratio=6,
-        **spinenet_mobile.SCALING_MAP[model_id[:-len('_mobile')]])
-    separable = True
-  else:
-    s = specs.get_scaling(model_id)
-    backbone = spinenet.SpineNet(input_specs=spec, activation='swish',
-                                 **spinenet.SCALING_MAP[model_id])
-    separable = False
+  backbone, head = _mg_backbone_and_head(model_id, size)
   # MG's 49S has 128-channel endpoints; ours defaults to 256 (DESIGN.md).
   width = backbone.output_specs['3'].as_list()[-1]
-  head = dense_prediction_heads.RetinaNetHead(
-      min_level=3, max_level=7, num_classes=91, num_anchors_per_location=9,
-      num_convs=s.head_num_convs, num_filters=s.head_num_filters,
-      use_separable_conv=separable)
   want = _mg_graph_macs(
       lambda x: head(backbone(x, training=False), training=False),
       (1, size, size, 3))
-  kw = {} if separable else dict(endpoints_num_filters=width)
+  kw = {} if specs.is_mobile(model_id) else dict(endpoints_num_filters=width)
   got = summary.summarize(
       snj.RetinaNet(model_id=model_id, num_classes=91, **kw), size)['macs']
   print(f'MACS SpineNet-{model_id} @{size}: ours {got:,} Model Garden {want:,}')
