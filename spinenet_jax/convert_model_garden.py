@@ -129,8 +129,8 @@ def expected_backbone_layers(model) -> list[tuple[str, str]]:
   `model` is our RetinaNet / Classifier. Paths are relative to 'backbone'.
   """
   bb = _backbone_module(model)
-  _, nodes, _ = bb._plan()  # pylint: disable=protected-access
-  repeats = bb._setting('block_repeats')  # pylint: disable=protected-access
+  _, nodes, _ = bb.plan()
+  repeats = bb.setting('block_repeats')
   layers = []
   if model.is_mobile:
     layers += _conv_bn('stem_conv')
@@ -534,7 +534,7 @@ def _fresh_head(model, seed: int) -> dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from spinenet_jax import heads  # pylint: disable=g-import-not-at-top
   bb = _backbone_module(model)
-  width = bb._setting('endpoints_num_filters')  # pylint: disable=protected-access
+  width = bb.setting('endpoints_num_filters')
   feats = {l: jnp.zeros((1, 2 ** (model.max_level - l), 2 ** (
       model.max_level - l), width)) for l in range(model.min_level,
                                                     model.max_level + 1)}

@@ -62,7 +62,7 @@ def graph(model_id: str = '49', block_specs: Sequence[Any] | None = None,
   cls = SpineNetMobile if mobile else SpineNet
   net = cls(model_id=model_id, block_specs=block_specs, min_level=min_level,
             max_level=max_level)
-  specs, nodes, endpoints = net._plan()  # Validates; what the model builds.
+  specs, nodes, endpoints = net.plan()  # Validates; what the model builds.
   num_stem = 2
   stem_levels = (1, 2) if mobile else (2, 2)
   built = {n.index: n for n in nodes}

@@ -48,16 +48,16 @@ class SpineNet(nn.Module):
   stem_filters: int | None = None  # None: 64, Model Garden's fixed width.
   dtype: Any = jnp.float32
 
-  def _setting(self, name: str):
+  def setting(self, name: str):
     value = getattr(self, name)
     return getattr(specs_lib.get_scaling(self.model_id), name) if value is None else value
 
-  def _plan(self):
+  def plan(self):
     block_specs = specs_lib.to_block_specs(
         specs_lib.SPINENET_BLOCK_SPECS if self.block_specs is None
         else self.block_specs)
     specs_lib.validate(block_specs, self.min_level, self.max_level)
-    fss = self._setting('filter_size_scale')
+    fss = self.setting('filter_size_scale')
     stem_ch = 4 * int(specs_lib.FILTER_SIZE_MAP[2] * fss)
     stem = [(2, 'bottleneck', stem_ch)] * 2
     nodes, endpoints = specs_lib.plan(block_specs, fss, self.min_level,
@@ -66,15 +66,15 @@ class SpineNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
-    block_specs, nodes, endpoints = self._plan()
+    block_specs, nodes, endpoints = self.plan()
     top = max([n.level for n in nodes] + [self.max_level])
     if not self.resize_fallback:
       check_input_size(x.shape, 2**top, f'SpineNet-{self.model_id}')
     kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
               dtype=self.dtype)
     act = self.activation
-    fss = self._setting('filter_size_scale')
-    repeats = self._setting('block_repeats')
+    fss = self.setting('filter_size_scale')
+    repeats = self.setting('block_repeats')
     height, width = x.shape[1:3]
 
     # Stem: 7x7/2 conv (64 channels unless set), max pool, two level-2 groups.
@@ -96,7 +96,7 @@ class SpineNet(nn.Module):
       size = (math.ceil(height / 2**node.level), math.ceil(width / 2**node.level))
       parents = [
           resample.Resample(block_fns[j], node.channels,
-                            self._setting('resample_alpha'), act,
+                            self.setting('resample_alpha'), act,
                             resize_fallback=self.resize_fallback,
                             name=f'resample{node.index}_{k}', **kw)(
                                 feats[j], size, train)
@@ -111,7 +111,7 @@ class SpineNet(nn.Module):
       block_fns[node.index] = node.block_fn
 
     # Endpoints: 1x1 conv-BN-act to a common width.
-    n = self._setting('endpoints_num_filters')
+    n = self.setting('endpoints_num_filters')
     return {level: layers.ConvBN(n, 1, 1, act, name=f'endpoint{level}', **kw)(
                 feats[endpoints[level]], train)
             for level in range(self.min_level, self.max_level + 1)}

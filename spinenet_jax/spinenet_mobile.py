@@ -67,19 +67,19 @@ class SpineNetMobile(nn.Module):
   resize_fallback: bool = False
   dtype: Any = jnp.float32
 
-  def _setting(self, name: str):
+  def setting(self, name: str):
     value = getattr(self, name)
     if value is None:
       value = getattr(specs_lib.get_mobile_scaling(self.model_id), name)
     return value
 
-  def _plan(self):
+  def plan(self):
     block_specs = specs_lib.to_block_specs(
         specs_lib.SPINENET_MOBILE_BLOCK_SPECS if self.block_specs is None
         else self.block_specs)
     specs_lib.validate(block_specs, self.min_level, self.max_level,
                        block_fns=specs_lib.MOBILE_BLOCK_FNS)
-    fss = self._setting('filter_size_scale')
+    fss = self.setting('filter_size_scale')
     fmap = specs_lib.MOBILE_FILTER_SIZE_MAP
     stem = [(1, 'mbconv', int(fmap[1] * fss)), (2, 'mbconv', int(fmap[2] * fss))]
     nodes, endpoints = specs_lib.plan(
@@ -89,15 +89,15 @@ class SpineNetMobile(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
-    block_specs, nodes, endpoints = self._plan()
+    block_specs, nodes, endpoints = self.plan()
     top = max([n.level for n in nodes] + [self.max_level])
     if not self.resize_fallback:
       check_input_size(x.shape, 2**top, f'SpineNet-{self.model_id}')
     kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
               dtype=self.dtype)
-    act = self._setting('activation')
-    fss = self._setting('filter_size_scale')
-    repeats = self._setting('block_repeats')
+    act = self.setting('activation')
+    fss = self.setting('filter_size_scale')
+    repeats = self.setting('block_repeats')
     fmap = specs_lib.MOBILE_FILTER_SIZE_MAP
     height, width = x.shape[1:3]
 
@@ -135,7 +135,7 @@ class SpineNetMobile(nn.Module):
       feats[node.index] = group(y, node.filters, 1, rate, f'block{node.index}')
 
     # Endpoints: 1x1 conv-BN-act to a common width.
-    n = self._setting('endpoints_num_filters')
+    n = self.setting('endpoints_num_filters')
     return {level: layers.ConvBN(n, 1, 1, act, name=f'endpoint{level}', **kw)(
                 feats[endpoints[level]], train)
             for level in range(self.min_level, self.max_level + 1)}
