@@ -12,6 +12,8 @@ The datasets are built (once) into --data_dir; nothing is downloaded.
 
   python benchmarks/input_pipeline.py [--data_dir DIR] [--batches 10]
 """
+from __future__ import annotations
+
 import argparse
 import os
 import sys
@@ -24,8 +26,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
-import input_pipeline  # pylint: disable=g-import-not-at-top
+import ml_collections  # pylint: disable=g-import-not-at-top
+
+from configs import common as config_common
 from input_pipeline import classification
+from input_pipeline import common
 from input_pipeline import detection
 
 # (task, network size, generated source size or None for the default, label)
@@ -37,9 +42,12 @@ CASES = [
 ]
 
 
-def _measure(task: str, size: int, source, args) -> tuple[float, float]:
+def _measure(task: str, size: int, source: tuple[int, int] | None,
+             args: argparse.Namespace) -> tuple[float, float]:
   """Returns (images per wall-clock second, images per CPU second)."""
-  cfg = input_pipeline.default_data_config(f'shapes/{task}')
+  # Untyped copy: `shapes_image_size` may be a (min, max) pair here.
+  cfg = ml_collections.ConfigDict(
+      config_common.data_config(f'shapes/{task}').to_dict())
   cfg.data_dir = args.data_dir
   cfg.image_size = size
   cfg.num_train_examples = args.num_images
@@ -47,7 +55,7 @@ def _measure(task: str, size: int, source, args) -> tuple[float, float]:
   cfg.shapes_image_size = source
   cfg.shuffle_buffer = args.num_images
   module = detection if task == 'detection' else classification
-  input_pipeline.get_builder(cfg)  # Build outside the timing.
+  common.get_builder(cfg)  # Build outside the timing.
   it = module.train_iterator(cfg, batch_size=args.batch_size, seed=0,
                              process_index=0, process_count=1)
   for _ in range(args.warmup):
@@ -64,7 +72,7 @@ def _measure(task: str, size: int, source, args) -> tuple[float, float]:
   return max(wall), max(cpu)
 
 
-def main():
+def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--data_dir', default=os.path.join(
       tempfile.gettempdir(), 'spinenet_jax_bench_tfds'))

@@ -1,11 +1,15 @@
 """Classification input pipeline for TFDS datasets with `image` and `label`.
 
-Training: Inception-style random crop (area 8%..100%, aspect 3/4..4/3, as
-in Model Garden and the TF ResNet preprocessing; JPEGs are decoded only
-inside the crop), resize to S x S, random horizontal flip, ImageNet
-normalisation. Evaluation: central crop of 87.5% of the short side, resized
-to S x S. Labels: TFDS label + `label_offset` (e.g. 1 for 1001-class
-ImageNet checkpoints). Label smoothing is left to the loss.
+Training: Inception-style random crop with the parameters of Model
+Garden's `official/vision/ops/preprocess_ops.py` `random_crop_image_v2`
+(area 8%..100%, aspect 3/4..4/3, min_object_covered 0.1, 10 attempts, else
+the whole image, where Model Garden's parser takes the central crop; JPEGs
+are decoded only inside the crop), resize to S x S, random horizontal flip,
+ImageNet normalisation. Evaluation: central square crop of
+`contract.CENTER_CROP_FRACTION` (87.5%, the fraction of Model Garden's
+`center_crop_image_v2`) of the short side, resized to S x S. Labels: TFDS
+label + `label_offset` (e.g. 1 for 1001-class ImageNet checkpoints). Label
+smoothing is left to the loss.
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import common
+from input_pipeline import contract
 
-CENTER_CROP_FRACTION = 0.875
 Features = common.Features
 
 
@@ -77,8 +81,8 @@ def preprocess_eval(ex: Features, *, size: int, label_offset: int = 0
                     ) -> Features:
   """Central crop (87.5% of the short side), resize, normalise."""
   shape = _image_shape(ex['image'])
-  crop = tf.cast(CENTER_CROP_FRACTION * tf.cast(tf.reduce_min(shape),
-                                                tf.float32), tf.int32)
+  crop = tf.cast(contract.CENTER_CROP_FRACTION * tf.cast(
+      tf.reduce_min(shape), tf.float32), tf.int32)
   crop = tf.maximum(crop, 1)
   offset = (shape - crop + 1) // 2
   window = tf.stack([offset[0], offset[1], crop, crop])
@@ -101,27 +105,16 @@ def train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   b = batch_size // process_count. Deterministic in (seed, step,
   process_index, process_count), like `detection.train_iterator`.
   """
-  pi, pc = common.resolve_process(process_index, process_count)
-  b = common.local_batch_size(batch_size, pc)
-  builder = common.get_builder(data_cfg)
-  _check_schema(builder)
-  preprocess = functools.partial(
-      preprocess_train, size=data_cfg.image_size,
-      label_offset=data_cfg.get('label_offset', 0))
+  def make_preprocess(builder: tfds.core.DatasetBuilder
+                      ) -> common.Preprocess:
+    _check_schema(builder)
+    return functools.partial(preprocess_train, size=data_cfg.image_size,
+                             label_offset=data_cfg.label_offset)
 
-  def fn(index, ex):
-    out = preprocess(ex, common.example_key(seed, pi, index))
-    if with_ids:
-      out['image_id'] = tf.cast(ex.get('image/id', -1), tf.int64)
-    return out
-
-  ds = common.train_examples(
-      builder, data_cfg.train_split, seed=seed, start_index=start_step * b,
-      process_index=pi, process_count=pc,
-      shuffle_buffer=data_cfg.shuffle_buffer)
-  ds = common.finish(ds, fn, data_cfg, b)
-  return common.NumpyIterator(ds, f'{data_cfg.name} train',
-                              first_index=start_step * b)
+  return common.build_train_iterator(
+      data_cfg, make_preprocess, batch_size=batch_size, seed=seed,
+      start_step=start_step, process_index=process_index,
+      process_count=process_count, with_ids=with_ids)
 
 
 def eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
@@ -132,18 +125,16 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   Yields NumPy dicts: `image` float32 [b, S, S, 3], `label` int32 [b] (-1 for
   padding), `mask` bool [b]. Every process yields the same number of batches.
   """
-  pi, pc = common.resolve_process(process_index, process_count)
-  b = common.local_batch_size(batch_size, pc)
-  builder = common.get_builder(data_cfg)
-  _check_schema(builder)
-  ds, _, size, largest = common.eval_examples(
-      builder, data_cfg.eval_split, process_index=pi, process_count=pc)
-  preprocess = functools.partial(
-      preprocess_eval, size=data_cfg.image_size,
-      label_offset=data_cfg.get('label_offset', 0))
+  def make_preprocess(builder: tfds.core.DatasetBuilder
+                      ) -> common.Preprocess:
+    _check_schema(builder)
+    preprocess = functools.partial(preprocess_eval, size=data_cfg.image_size,
+                                   label_offset=data_cfg.label_offset)
+    return lambda ex, index: preprocess(ex)
+
   s = data_cfg.image_size
-  pad = {'image': tf.zeros([s, s, 3]), 'label': tf.constant(-1, tf.int32),
-         'mask': tf.constant(False)}
-  ds = common.finish(ds, lambda i, ex: preprocess(ex), data_cfg, b, pad=pad,
-                     num_batches=common.ceil_div(largest, b))
-  return common.NumpyIterator(ds, f'{data_cfg.name} eval', total=size)
+  padding = {'image': tf.zeros([s, s, 3]), 'label': tf.constant(-1, tf.int32),
+             'mask': tf.constant(False)}
+  return common.build_eval_iterator(
+      data_cfg, make_preprocess, padding, batch_size=batch_size,
+      process_index=process_index, process_count=process_count)

@@ -1,5 +1,7 @@
 """Shared pieces of the input pipelines: datasets, per-process splits,
-deterministic streams, decoding and NumPy iteration.
+deterministic streams, decoding, NumPy iteration and the train / eval
+iterators that the task modules fill with their preprocessing
+(`build_train_iterator`, `build_eval_iterator`).
 
 Determinism of the training stream (what `start_step` relies on): process
 `p` of `n` reads `tfds.even_splits(split, n)[p]`, a fixed slice of `m`
@@ -16,15 +18,16 @@ change which example gets which augmentation.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import logging
-import math
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from input_pipeline import contract
 from input_pipeline import shapes
 
 # Keep TensorFlow off accelerators: JAX owns them.
@@ -34,69 +37,27 @@ try:
 except (RuntimeError, ValueError):  # Already initialised or no such device.
   pass
 
-MEAN_RGB = (0.485, 0.456, 0.406)  # ImageNet, on [0, 1] RGB.
-STDDEV_RGB = (0.229, 0.224, 0.225)
 INDEX_KEY = '_index'  # Internal: position of an example in its stream.
 
 Features = dict[str, tf.Tensor]
-
-
-def default_data_config(name: str = 'shapes/detection'
-                        ) -> ml_collections.ConfigDict:
-  """Returns `config.data` with defaults for a dataset name.
-
-  Known names get tuned defaults ('shapes/detection', 'shapes/classification',
-  'coco/2017', 'imagenet2012'); any other TFDS name gets generic ones.
-  """
-  detection = not _is_classification(name)
-  cfg = ml_collections.ConfigDict(dict(
-      name=name,
-      data_dir=None,  # None: TFDS default (~/tensorflow_datasets).
-      train_split='train',
-      eval_split='validation',
-      image_size=640 if detection else 224,
-      aug_scale_min=0.1,  # Detection scale jitter (Model Garden default).
-      aug_scale_max=2.0,
-      max_instances=100,
-      skip_crowd_during_training=True,
-      label_offset=0,  # Classification: label = TFDS label + label_offset.
-      shuffle_buffer=10_000,
-      num_parallel_calls=-1,  # -1: tf.data.AUTOTUNE.
-      prefetch=2,  # Batches prefetched by tf.data.
-      # shapes/* only: dataset size and generated image size (int or
-      # (min, max)); None means the registered default (4000 / 500, 256).
-      num_train_examples=None,
-      num_eval_examples=None,
-      shapes_image_size=None,
-  ))
-  if _is_shapes(name):
-    cfg.image_size = 256 if detection else 224
-    cfg.shuffle_buffer = 4000
-  if name.startswith('imagenet'):
-    cfg.shuffle_buffer = 16_384
-  return cfg
+# (example, RNG key or index in the split) -> fixed-shape features.
+Preprocess = Callable[[Features, tf.Tensor], Features]
 
 
 def _is_shapes(name: str) -> bool:
   return name == 'shapes' or name.startswith('shapes/')
 
 
-def _is_classification(name: str) -> bool:
-  return name == 'shapes/classification' or name.split('/')[0] in (
-      'imagenet2012', 'imagenette', 'imagenet_v2', 'cifar10', 'cifar100',
-      'mnist', 'oxford_flowers102')
-
-
 def _shapes_config(data_cfg: ml_collections.ConfigDict) -> shapes.ShapesConfig:
   task = data_cfg.name.partition('/')[2] or 'detection'
   return shapes.make_config(
-      task, num_train=data_cfg.get('num_train_examples'),
-      num_validation=data_cfg.get('num_eval_examples'),
-      image_size=data_cfg.get('shapes_image_size'))
+      task, num_train=data_cfg.num_train_examples,
+      num_validation=data_cfg.num_eval_examples,
+      image_size=data_cfg.shapes_image_size)
 
 
 def _where(data_cfg: ml_collections.ConfigDict) -> str:
-  return data_cfg.get('data_dir') or tfds.core.constants.DATA_DIR
+  return data_cfg.data_dir or tfds.core.constants.DATA_DIR
 
 
 _SHAPES_BUILDERS = {}  # (config name, data_dir) -> prepared builder.
@@ -109,7 +70,7 @@ def get_builder(data_cfg: ml_collections.ConfigDict
   Raises:
     ValueError: if no TFDS dataset has that name.
   """
-  name, data_dir = data_cfg.name, data_cfg.get('data_dir')
+  name, data_dir = data_cfg.name, data_cfg.data_dir
   if _is_shapes(name):
     config = _shapes_config(data_cfg)
     cache_key = (config.name, data_dir)
@@ -277,12 +238,8 @@ def scale_and_crop(image: tf.Tensor, size: tf.Tensor, scale: tf.Tensor,
 def normalize(image: tf.Tensor) -> tf.Tensor:
   """[0, 255] RGB -> float32 normalised with the ImageNet mean and std."""
   image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
-
-
-def num_calls(data_cfg: ml_collections.ConfigDict) -> int:
-  n = data_cfg.get('num_parallel_calls', -1)
-  return tf.data.AUTOTUNE if n in (None, -1) else n
+  return ((image - tf.constant(contract.MEAN_RGB)) /
+          tf.constant(contract.STDDEV_RGB))
 
 
 def finish(ds: tf.data.Dataset, preprocess: Callable[..., Features],
@@ -290,8 +247,9 @@ def finish(ds: tf.data.Dataset, preprocess: Callable[..., Features],
            pad: Features | None = None, num_batches: int | None = None
            ) -> tf.data.Dataset:
   """Preprocess `(index, example)`, skip undecodable ones, pad, batch."""
+  # num_parallel_calls -1 is tf.data.AUTOTUNE; the order stays deterministic.
   ds = ds.map(lambda i, ex: {**preprocess(i, ex), INDEX_KEY: i},
-              num_parallel_calls=num_calls(data_cfg))
+              num_parallel_calls=data_cfg.num_parallel_calls)
   ds = ds.ignore_errors(log_warning=True)
   if pad is not None:
     pad = {**pad, INDEX_KEY: tf.constant(-1, tf.int64)}
@@ -301,11 +259,7 @@ def finish(ds: tf.data.Dataset, preprocess: Callable[..., Features],
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
-  return ds.with_options(options).prefetch(data_cfg.get('prefetch', 2) or 2)
-
-
-def zeros_like_spec(ds_spec: Any) -> Any:
-  return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds_spec)
+  return ds.with_options(options).prefetch(data_cfg.prefetch)
 
 
 class NumpyIterator:
@@ -324,7 +278,7 @@ class NumpyIterator:
     self._total = total
     self.num_skipped = 0
 
-  def __iter__(self) -> 'NumpyIterator':
+  def __iter__(self) -> NumpyIterator:
     return self
 
   def _count(self, skipped: int) -> None:
@@ -360,5 +314,74 @@ def pad_instances(tensor: tf.Tensor, size: int, value: float | int
   return out
 
 
-def ceil_div(a: int, b: int) -> int:
-  return int(math.ceil(a / b))
+def build_train_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    make_preprocess: Callable[[tfds.core.DatasetBuilder], Preprocess], *,
+    batch_size: int, seed: int, start_step: int, process_index: int | None,
+    process_count: int | None, with_ids: bool) -> NumpyIterator:
+  """The training iterator of a task, given its preprocessing.
+
+  Args:
+    data_cfg: `config.data`.
+    make_preprocess: builder -> `preprocess(example, key)`, the task's
+      augmentation of one example with its stateless RNG key (see
+      `example_key`); may raise if the dataset does not fit the task.
+    batch_size: global batch size.
+    seed: seed of the stream.
+    start_step: first step to yield (see the module docstring).
+    process_index: this process; None: from JAX.
+    process_count: number of processes; None: from JAX.
+    with_ids: also yield `image_id` int64 [b] (`image/id`, -1 if absent).
+
+  Returns:
+    Endless batches of this process, b = batch_size // process_count.
+  """
+  pi, pc = resolve_process(process_index, process_count)
+  b = local_batch_size(batch_size, pc)
+  builder = get_builder(data_cfg)
+  preprocess = make_preprocess(builder)
+
+  def fn(index, ex):
+    out = preprocess(ex, example_key(seed, pi, index))
+    if with_ids:
+      out['image_id'] = tf.cast(ex.get('image/id', -1), tf.int64)
+    return out
+
+  ds = train_examples(
+      builder, data_cfg.train_split, seed=seed, start_index=start_step * b,
+      process_index=pi, process_count=pc,
+      shuffle_buffer=data_cfg.shuffle_buffer)
+  ds = finish(ds, fn, data_cfg, b)
+  return NumpyIterator(ds, f'{data_cfg.name} train',
+                       first_index=start_step * b)
+
+
+def build_eval_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    make_preprocess: Callable[[tfds.core.DatasetBuilder], Preprocess],
+    padding: Features, *, batch_size: int, process_index: int | None,
+    process_count: int | None) -> NumpyIterator:
+  """The evaluation iterator of a task, given its preprocessing.
+
+  One pass over this process's slice of `data_cfg.eval_split`, then
+  `padding` examples up to the batch count of the largest slice, so that
+  every process yields the same number of batches.
+
+  Args:
+    data_cfg: `config.data`.
+    make_preprocess: builder -> `preprocess(example, index)`, the task's
+      preprocessing of one example with its position in the split.
+    padding: a padding example (the features of `preprocess`'s output).
+    batch_size: global batch size.
+    process_index: this process; None: from JAX.
+    process_count: number of processes; None: from JAX.
+  """
+  pi, pc = resolve_process(process_index, process_count)
+  b = local_batch_size(batch_size, pc)
+  builder = get_builder(data_cfg)
+  preprocess = make_preprocess(builder)
+  ds, first, size, largest = eval_examples(
+      builder, data_cfg.eval_split, process_index=pi, process_count=pc)
+  ds = finish(ds, lambda i, ex: preprocess(ex, i + first), data_cfg, b,
+              pad=padding, num_batches=-(-largest // b))
+  return NumpyIterator(ds, f'{data_cfg.name} eval', total=size)

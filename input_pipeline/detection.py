@@ -3,36 +3,34 @@
 Schema: `image`, `objects/bbox` (normalised ymin, xmin, ymax, xmax),
 `objects/label`, optional `objects/is_crowd` and `image/id`.
 
-Training (Model Garden semantics, reference section 7): decode, random
-horizontal flip, scale jitter `U[aug_scale_min, aug_scale_max]` of the
-output size with the aspect ratio kept, random crop of the output size,
-ImageNet normalisation, zero padding (bottom/right) to a square; boxes are
-mapped, clipped, emptied ones dropped, and padded to `max_instances` with
-class -1 (crowd boxes are dropped unless `skip_crowd_during_training` is
-False). Evaluation: long side resized to the output size and padded; boxes
-stay in original pixels, with `scale` to map predictions back.
+Training follows Model Garden's RetinaNet parser
+(`official/vision/dataloaders/retinanet_input.py` `Parser._parse_train_data`
+with the ops of `official/vision/ops/preprocess_ops.py`): decode, random
+horizontal flip (`random_horizontal_flip`), scale jitter
+`U[aug_scale_min, aug_scale_max]` of the output size with the aspect ratio
+kept and a random crop of the output size (`resize_and_crop_image`,
+`resize_and_crop_boxes`), ImageNet normalisation (`normalize_image`), zero
+padding (bottom/right) to a square; boxes are mapped, clipped, emptied ones
+dropped, and padded to `max_instances` with class -1 (crowd boxes are dropped
+unless `skip_crowd_during_training` is False). Evaluation
+(`Parser._parse_eval_data`): long side resized to the output size and
+padded; boxes stay in original pixels, with `scale` to map predictions back.
 
 Class ids: `coco` (80 TFDS labels) -> COCO category ids 1..90 (the 91-slot
-layout); any other dataset: TFDS label + 1. 0 is background everywhere.
+layout, `contract.COCO_CATEGORY_IDS`); any other dataset: TFDS label + 1.
+0 is background everywhere.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import common
-
-# COCO category id of each TFDS `coco` label 0..79 (categories sorted by id).
-COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,
-    22, 23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42,
-    43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
-    62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
-    85, 86, 87, 88, 89, 90)
+from input_pipeline import contract
 
 Features = common.Features
 
@@ -48,8 +46,8 @@ def class_mapper(builder: tfds.core.DatasetBuilder
         f'(image, objects/bbox, objects/label); its features are '
         f'{features}.')
   num = features['objects']['label'].num_classes
-  if builder.name == 'coco' and num == len(COCO_CATEGORY_IDS):
-    table = tf.constant(COCO_CATEGORY_IDS, tf.int32)
+  if builder.name == 'coco' and num == len(contract.COCO_CATEGORY_IDS):
+    table = tf.constant(contract.COCO_CATEGORY_IDS, tf.int32)
     return lambda label: tf.gather(table, label)
   return lambda label: label + 1
 
@@ -175,31 +173,22 @@ def train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   of (seed, step, process_index, process_count): `start_step=K` yields steps
   K, K+1, ... of the uninterrupted stream (see `common`).
   """
-  pi, pc = common.resolve_process(process_index, process_count)
-  b = common.local_batch_size(batch_size, pc)
   if not 0 < data_cfg.aug_scale_min <= data_cfg.aug_scale_max:
     raise ValueError(f'Need 0 < aug_scale_min <= aug_scale_max, got '
                      f'{data_cfg.aug_scale_min}, {data_cfg.aug_scale_max}.')
-  builder = common.get_builder(data_cfg)
-  preprocess = functools.partial(
-      preprocess_train, size=data_cfg.image_size,
-      scale_min=data_cfg.aug_scale_min, scale_max=data_cfg.aug_scale_max,
-      max_instances=data_cfg.max_instances, class_fn=class_mapper(builder),
-      skip_crowd=data_cfg.get('skip_crowd_during_training', True))
 
-  def fn(index, ex):
-    out = preprocess(ex, common.example_key(seed, pi, index))
-    if with_ids:
-      out['image_id'] = tf.cast(ex.get('image/id', -1), tf.int64)
-    return out
+  def make_preprocess(builder: tfds.core.DatasetBuilder
+                      ) -> common.Preprocess:
+    return functools.partial(
+        preprocess_train, size=data_cfg.image_size,
+        scale_min=data_cfg.aug_scale_min, scale_max=data_cfg.aug_scale_max,
+        max_instances=data_cfg.max_instances, class_fn=class_mapper(builder),
+        skip_crowd=data_cfg.skip_crowd_during_training)
 
-  ds = common.train_examples(
-      builder, data_cfg.train_split, seed=seed, start_index=start_step * b,
-      process_index=pi, process_count=pc,
-      shuffle_buffer=data_cfg.shuffle_buffer)
-  ds = common.finish(ds, fn, data_cfg, b)
-  return common.NumpyIterator(ds, f'{data_cfg.name} train',
-                              first_index=start_step * b)
+  return common.build_train_iterator(
+      data_cfg, make_preprocess, batch_size=batch_size, seed=seed,
+      start_step=start_step, process_index=process_index,
+      process_count=process_count, with_ids=with_ids)
 
 
 def eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
@@ -215,18 +204,16 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   `gt_is_crowd` bool [b, M], `mask` bool [b] (False: padding). Every process
   yields the same number of batches.
   """
-  pi, pc = common.resolve_process(process_index, process_count)
-  b = common.local_batch_size(batch_size, pc)
-  builder = common.get_builder(data_cfg)
-  ds, first, size, largest = common.eval_examples(
-      builder, data_cfg.eval_split, process_index=pi, process_count=pc)
-  preprocess = functools.partial(
-      preprocess_eval, size=data_cfg.image_size,
-      max_instances=data_cfg.max_instances, class_fn=class_mapper(builder))
-  ds = common.finish(ds, lambda i, ex: preprocess(ex, i + first), data_cfg, b,
-                     pad=_eval_padding(data_cfg), num_batches=common.ceil_div(
-                         largest, b))
-  return common.NumpyIterator(ds, f'{data_cfg.name} eval', total=size)
+  def make_preprocess(builder: tfds.core.DatasetBuilder
+                      ) -> common.Preprocess:
+    return functools.partial(
+        preprocess_eval, size=data_cfg.image_size,
+        max_instances=data_cfg.max_instances, class_fn=class_mapper(builder))
+
+  return common.build_eval_iterator(
+      data_cfg, make_preprocess, _eval_padding(data_cfg),
+      batch_size=batch_size, process_index=process_index,
+      process_count=process_count)
 
 
 def _eval_padding(data_cfg: ml_collections.ConfigDict) -> Features:

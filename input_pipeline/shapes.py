@@ -30,9 +30,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 import tensorflow_datasets as tfds
 
-CLASS_NAMES = ('circle', 'square', 'triangle')  # Index = TFDS label.
+from input_pipeline import contract
+
+CLASS_NAMES = contract.SHAPES_CLASS_NAMES  # Index = TFDS label.
 # Detection class id -> name (class id = TFDS label + 1; 0 is background).
-LABEL_MAP = {i + 1: n for i, n in enumerate(CLASS_NAMES)}
+LABEL_MAP = contract.label_map('shapes/detection', detection=True,
+                               label_offset=0)
 
 _SPLIT_IDS = {'train': 0, 'validation': 1}
 _TASK_IDS = {'detection': 0, 'classification': 1}

@@ -2,26 +2,33 @@
 on mocked `coco/2017` / `imagenet2012` (no download anywhere)."""
 import io
 import os
+import subprocess
+import sys
 
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-import input_pipeline
+from configs import common as config_common
 from input_pipeline import classification
 from input_pipeline import common
+from input_pipeline import contract
 from input_pipeline import detection
 from input_pipeline import shapes
 
 SIZE = 128  # Network input side in these tests.
-LO = (0 - np.array(common.MEAN_RGB)) / np.array(common.STDDEV_RGB)
-HI = (1 - np.array(common.MEAN_RGB)) / np.array(common.STDDEV_RGB)
+LO = (0 - np.array(contract.MEAN_RGB)) / np.array(contract.STDDEV_RGB)
+HI = (1 - np.array(contract.MEAN_RGB)) / np.array(contract.STDDEV_RGB)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, data_dir, **kw):
-  cfg = input_pipeline.default_data_config(name)
+  # An untyped copy: these tests set `shapes_image_size` to a (min, max)
+  # pair, which the typed (int) placeholder of the config refuses.
+  cfg = ml_collections.ConfigDict(config_common.data_config(name).to_dict())
   cfg.data_dir = str(data_dir)
   cfg.image_size = SIZE
   cfg.update(kw)
@@ -53,7 +60,7 @@ def _take(it, n):
 
 
 def _unnormalize(image):
-  return (image * np.array(common.STDDEV_RGB) + common.MEAN_RGB) * 255
+  return (image * np.array(contract.STDDEV_RGB) + contract.MEAN_RGB) * 255
 
 
 def _png(array):
@@ -72,11 +79,34 @@ def _jpeg(array):
 
 
 def test_default_config():
-  cfg = input_pipeline.default_data_config('coco/2017')
+  cfg = config_common.data_config('coco/2017')
   assert cfg.image_size == 640 and cfg.max_instances == 100
   assert (cfg.aug_scale_min, cfg.aug_scale_max) == (0.1, 2.0)
-  assert input_pipeline.default_data_config('imagenet2012').image_size == 224
-  assert input_pipeline.default_data_config().name == 'shapes/detection'
+  assert config_common.data_config('imagenet2012').image_size == 224
+  assert config_common.data_config().name == 'shapes/detection'
+
+
+def test_contract_imports_no_tensorflow():
+  code = ("import input_pipeline.contract, sys; "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow'; "
+          "assert 'numpy' not in sys.modules, 'numpy'")
+  subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
+
+
+def test_contract_label_maps():
+  assert contract.label_map('shapes/detection', True, 0) == shapes.LABEL_MAP
+  assert shapes.LABEL_MAP == {1: 'circle', 2: 'square', 3: 'triangle'}
+  assert contract.label_map('shapes/classification', False, 0) == {
+      0: 'circle', 1: 'square', 2: 'triangle'}
+  assert contract.label_map('shapes/classification', False, 1)[3] == (
+      'triangle')
+  coco = contract.label_map('coco/2017', True, 0)
+  assert coco == contract.COCO_LABEL_MAP
+  assert coco is not contract.COCO_LABEL_MAP  # A copy, free to change.
+  assert len(coco) == 80 and coco[1] == 'person' and coco[90] == 'toothbrush'
+  assert contract.COCO_CATEGORY_IDS == tuple(sorted(coco))
+  assert contract.label_map('coco/2017', False, 0) == {}
+  assert contract.label_map('imagenet2012', False, 1) == {}
 
 
 def test_scale_and_crop_matches_resize_then_slice():
@@ -90,7 +120,7 @@ def test_scale_and_crop_matches_resize_then_slice():
 
 
 def test_detection_train_batch(det_cfg):
-  assert input_pipeline.num_examples(det_cfg, 'train') == 32
+  assert common.num_examples(det_cfg, 'train') == 32
   it = detection.train_iterator(det_cfg, batch_size=8, seed=0)
   for batch in _take(it, 2):
     assert set(batch) == {'image', 'boxes', 'classes', 'is_crowd'}
@@ -435,8 +465,8 @@ def test_coco_2017_mocked(tmp_path):
                              atol=1e-3)
   np.testing.assert_allclose(evals[0]['scale'], 0.4)
   np.testing.assert_array_equal(evals[0]['orig_size'][0], [120, 160])
-  assert len(detection.COCO_CATEGORY_IDS) == 80
-  assert len(set(detection.COCO_CATEGORY_IDS)) == 80
+  assert len(contract.COCO_CATEGORY_IDS) == 80
+  assert len(set(contract.COCO_CATEGORY_IDS)) == 80
 
 
 def _imagenet_example(i):
