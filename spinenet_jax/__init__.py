@@ -1,5 +1,7 @@
 """spinenet_jax: SpineNet backbones, RetinaNet and classifiers in JAX/Flax."""
 
+from __future__ import annotations
+
 from spinenet_jax.inference import load_checkpoint
 from spinenet_jax.models import Classifier, RetinaNet, build_model
 from spinenet_jax.spinenet import SpineNet

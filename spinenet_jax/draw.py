@@ -19,11 +19,14 @@ import importlib.util
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from absl import flags
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from spinenet_jax import specs as specs_lib
+from spinenet_jax import models
+from spinenet_jax.spinenet import ScalePermutedNetwork
 
 COLOURS = {'stem': '#9e9e9e', 'bottleneck': '#4e79a7', 'residual': '#f28e2b',
            'mbconv': '#59a14f', 'unused': '#dddddd'}
@@ -34,6 +37,7 @@ OUTPUT_COLOUR = '#d62728'
 
 @dataclasses.dataclass
 class Block:
+  """One feature of the graph: a stem or scale-permuted block."""
   index: int      # Feature index (0.. stem, then spec i -> i + num_stem).
   level: int
   kind: str       # 'stem', 'bottleneck', 'residual', 'mbconv'
@@ -46,6 +50,7 @@ class Block:
 
 @dataclasses.dataclass
 class Graph:
+  """A titled scale-permuted graph with its endpoint levels."""
   title: str
   blocks: list[Block]
   min_level: int
@@ -56,34 +61,38 @@ def graph(model_id: str = '49', block_specs: Sequence[Any] | None = None,
           min_level: int = 3, max_level: int = 7,
           title: str | None = None) -> Graph:
   """The scale-permuted graph of a model id (and optional custom specs)."""
-  from spinenet_jax.spinenet import SpineNet
-  from spinenet_jax.spinenet_mobile import SpineNetMobile
-  mobile = specs_lib.is_mobile(model_id)
-  cls = SpineNetMobile if mobile else SpineNet
-  net = cls(model_id=model_id, block_specs=block_specs, min_level=min_level,
-            max_level=max_level)
-  specs, nodes, endpoints = net.plan()  # Validates; what the model builds.
-  num_stem = 2
-  stem_levels = (1, 2) if mobile else (2, 2)
+  model = models.RetinaNet(
+      model_id=model_id, min_level=min_level, max_level=max_level,
+      block_specs=None if block_specs is None else tuple(block_specs))
+  return backbone_graph(model.backbone(), title)
+
+
+def backbone_graph(backbone: ScalePermutedNetwork,
+                   title: str | None = None) -> Graph:
+  """The graph of an (unbound) SpineNet or SpineNet-Mobile backbone."""
+  specs, nodes, _ = backbone.plan()  # Validates; what the model builds.
+  stem_levels = [level for level, _ in backbone.family.stem]
+  num_stem = len(stem_levels)
+  lo, hi = backbone.min_level, backbone.max_level
   built = {n.index: n for n in nodes}
-  blocks = [Block(i, stem_levels[i], 'stem', (), (), False, True)
-            for i in range(num_stem)]
+  blocks = [Block(i, level, 'stem', (), (), False, True)
+            for i, level in enumerate(stem_levels)]
   for i, s in enumerate(specs):
     index = i + num_stem
     node = built.get(index)
     blocks.append(Block(
         index, s.level, s.block_fn, tuple(s.input_offsets),
-        node.extras if node else (),
-        s.is_output and min_level <= s.level <= max_level, node is not None,
-        node.channels if node else None))
+        node.extras if node else (), s.is_output and lo <= s.level <= hi,
+        node is not None, node.channels if node else None))
   # Stem blocks feed the built network whenever any built block reads them.
   used = {j for b in blocks if b.built for j in b.inputs + b.extras}
   for b in blocks[:num_stem]:
     b.built = b.index in used
   if title is None:
-    title = (f'SpineNet-{model_id}' if block_specs is None
-             else f'custom permutation ({len(specs)} blocks, {model_id} widths)')
-  return Graph(title, blocks, min_level, max_level)
+    title = (f'SpineNet-{backbone.model_id}' if backbone.block_specs is None
+             else f'custom permutation ({len(specs)} blocks, '
+             f'{backbone.model_id} widths)')
+  return Graph(title, blocks, lo, hi)
 
 
 # ------------------------------------------------------------------ layout
@@ -91,7 +100,8 @@ def graph(model_id: str = '49', block_specs: Sequence[Any] | None = None,
 CELL_W, CELL_H, BOX_W, BOX_H, MARGIN = 70, 62, 46, 30, 60
 
 
-def _layout(g: Graph):
+def _layout(g: Graph) -> tuple[int, int, int, int,
+                              Callable[[Block], tuple[float, float]]]:
   levels = [b.level for b in g.blocks]
   lo, hi = min(levels), max(max(levels), g.max_level)
   width = MARGIN * 2 + 40 + CELL_W * len(g.blocks) + 50
@@ -102,20 +112,22 @@ def _layout(g: Graph):
   return width, height, lo, hi, centre
 
 
-def _edge_points(p, q):
+def _edge_points(p: tuple[float, float], q: tuple[float, float]
+                 ) -> tuple[tuple[float, float], tuple[float, float]]:
   """From the right/side of box p to the left side of box q."""
   (x0, y0), (x1, y1) = p, q
   return (x0 + BOX_W / 2, y0), (x1 - BOX_W / 2, y1)
 
 
-def _arrow_head(x0, y0, x1, y1, size=7):
+def _arrow_head(x0: float, y0: float, x1: float, y1: float,
+                size: float = 7) -> list[tuple[float, float]]:
   ang = math.atan2(y1 - y0, x1 - x0)
   return [(x1, y1),
           (x1 - size * math.cos(ang - 0.4), y1 - size * math.sin(ang - 0.4)),
           (x1 - size * math.cos(ang + 0.4), y1 - size * math.sin(ang + 0.4))]
 
 
-def _legend(g: Graph):
+def _legend(g: Graph) -> list[tuple[str, str]]:
   kinds = ['stem'] + sorted({b.kind for b in g.blocks if b.kind != 'stem'})
   items = [(COLOURS.get(k, '#888888'), k) for k in kinds]
   if any(not b.built for b in g.blocks):
@@ -124,6 +136,7 @@ def _legend(g: Graph):
 
 
 def render_png(g: Graph, path: str, scale: int = 2) -> None:
+  """Writes `g` as a raster image (format from the extension of `path`)."""
   width, height, lo, hi, centre = _layout(g)
   img = Image.new('RGB', (width * scale, height * scale), 'white')
   d = ImageDraw.Draw(img)
@@ -181,6 +194,7 @@ def render_png(g: Graph, path: str, scale: int = 2) -> None:
 
 
 def render_svg(g: Graph, path: str) -> None:
+  """Writes `g` as an SVG file (block tooltips give type, level, width)."""
   width, height, lo, hi, centre = _layout(g)
   out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
          f'height="{height}" viewBox="0 0 {width} {height}" '
@@ -250,7 +264,7 @@ def draw(g: Graph, path: str) -> None:
     render_png(g, path)
 
 
-def load_config(path: str):
+def load_config(path: str) -> Any:
   """`get_config()` of a config file (the repository root on sys.path)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if root not in sys.path:
@@ -261,33 +275,42 @@ def load_config(path: str):
   return module.get_config()
 
 
-def graph_from_config(config) -> Graph:
-  m = config.get('model', {})
-  specs = m.get('block_specs')
-  return graph(str(m.get('model_id', '49')),
-               None if specs is None else list(specs),
-               int(m.get('min_level', 3)), int(m.get('max_level', 7)))
+def graph_from_config(config: Any) -> Graph:
+  """The graph of the backbone that `config` (`config.model`) builds."""
+  return backbone_graph(models.build_model(config).backbone())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  import argparse
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--model', default=None,
-                 help='model id (49S, 49, 96, 143, 190, 49_mobile, ...)')
-  p.add_argument('--config', default=None,
-                 help='a config file; draws config.model (block_specs)')
-  p.add_argument('--output', required=True, help='.png or .svg')
-  args = p.parse_args(argv)
-  if args.config:
-    g = graph_from_config(load_config(args.config))
-  else:
-    g = graph(args.model or '49')
-  draw(g, args.output)
-  print(f'Wrote {args.output}')
+def define_flags(fv: flags.FlagValues) -> None:
+  """Defines the command-line flags on `fv`."""
+  flags.DEFINE_string(
+      'model', '49', 'Model id (49S, 49, 96, 143, 190, 49_mobile, ...).',
+      flag_values=fv)
+  flags.DEFINE_string(
+      'config', None, 'A config file; draws the backbone of config.model '
+      '(e.g. its block_specs) instead of --model.', flag_values=fv)
+  flags.DEFINE_string('output', None, 'Output file: .png or .svg.',
+                      flag_values=fv)
+  flags.mark_flag_as_required('output', flag_values=fv)
 
 
-if __name__ == '__main__':
-  main()
+def main(argv: Sequence[str] | None = None) -> int:
+  """Draws --model or --config to --output; `argv` excludes the program."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  args = list(sys.argv[1:] if argv is None else argv)
+  if {'-h', '--help', '--helpfull'} & set(args):
+    print(f'{__doc__}\n{fv.get_help()}')
+    return 0
+  try:
+    fv(['draw', *args])
+  except flags.Error as e:
+    print(f'{e}\n\n{__doc__}\n{fv.get_help()}', file=sys.stderr)
+    return 2
+  g = graph_from_config(load_config(fv.config)) if fv.config else graph(
+      fv.model)
+  draw(g, fv.output)
+  print(f'Wrote {fv.output}')
+  return 0
 
 
 # -------------------------------------------------------------- detections
@@ -296,14 +319,13 @@ DETECTION_COLOURS = ('#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4',
                      '#42d4f4', '#f032e6', '#bfef45', '#469990', '#9a6324')
 
 
-def draw_detections(image, detections, caption: str | None = None
-                    ) -> Image.Image:
+def draw_detections(image: np.ndarray, detections: Sequence[dict[str, Any]],
+                    caption: str | None = None) -> Image.Image:
   """uint8 RGB image + [{'box': yxyx, 'label', 'score', 'class'}] -> PIL image.
 
   Boxes get a colour per class and a '<label> <score>' tag; `caption` is
   written at the top left (e.g. classification results).
   """
-  import numpy as np
   img = Image.fromarray(np.asarray(image, np.uint8)).convert('RGB')
   scale = max(1, round(max(img.size) / 400))
   d = ImageDraw.Draw(img)
@@ -326,3 +348,7 @@ def draw_detections(image, detections, caption: str | None = None
     d.rectangle((0, 0, (r - l) + 6, (b - t) + 6), fill='black')
     d.text((3 - l, 3 - t), caption, fill='white', font=font)
   return img
+
+
+if __name__ == '__main__':
+  sys.exit(main())

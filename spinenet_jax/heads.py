@@ -1,9 +1,16 @@
-"""RetinaNet and classification heads (reference sections 3 and 8.3)."""
+"""RetinaNet and classification heads.
+
+The RetinaNet head follows Model Garden's
+`official/vision/modeling/heads/dense_prediction_heads.py` `RetinaNetHead`;
+the classification head is SpineNet's (Du et al., CVPR 2020,
+arXiv:1912.05027, section 4.2): all output levels upsampled to the finest and
+averaged, then global pooling and a dense layer.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -36,7 +43,8 @@ class RetinaNetHead(nn.Module):
   # Garden's `use_separable_conv` (SpineNet-Mobile).
   use_separable_conv: bool = False
 
-  def _conv(self, features: int, kernel_init, bias_init, name: str):
+  def _conv(self, features: int, kernel_init: Callable, bias_init: Callable,
+            name: str) -> nn.Module:
     if self.use_separable_conv:
       return layers.SeparableConv(features, 3, bias_init=bias_init,
                                   dtype=self.dtype, name=name)
@@ -44,7 +52,7 @@ class RetinaNetHead(nn.Module):
                        bias_init=bias_init, dtype=self.dtype, name=name)
 
   def _tower(self, feats: dict[int, jax.Array], name: str, out: int,
-             bias_init, train: bool) -> dict[int, jax.Array]:
+             bias_init: Callable, train: bool) -> dict[int, jax.Array]:
     convs = [self._conv(self.num_filters, nn.initializers.normal(0.01),
                         nn.initializers.zeros, f'{name}_conv{i}')
              for i in range(self.num_convs)]

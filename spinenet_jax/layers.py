@@ -1,20 +1,29 @@
-"""Building blocks: convolution, conv-BN-activation, residual and bottleneck
-blocks, stochastic depth. Semantics follow TF2 Model Garden (reference 1.5,
-1.8): bias-free convs with fan-in truncated-normal init, 'SAME' padding,
-batch norm with momentum 0.99 and epsilon 1e-3.
+"""Building blocks: convolution, conv-BN-activation, residual, bottleneck and
+MBConv blocks, stochastic depth.
+
+Semantics follow TF2 Model Garden (`official/vision/modeling/layers/
+nn_blocks.py` `BottleneckBlock`, `ResidualBlock`, `InvertedBottleneckBlock`;
+`nn_layers.py` `SqueezeExcitation`, `StochasticDepth`): bias-free convs with a
+fan-in truncated-normal init (Keras 'VarianceScaling'), 'SAME' padding, batch
+norm with momentum 0.99 and epsilon 1e-3.
+
+Blocks take their convolution and normalisation as module constructors
+(`conv`, `norm`, `depthwise_conv`), as flax's ImageNet ResNet example does: a
+network builds `functools.partial(BatchNorm, momentum=..., dtype=...)` once
+(`layer_defs`) and hands it to every block.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spinenet_jax import specs
-
 Dtype = Any
+ModuleDef = Any  # A Module class or a functools.partial of one.
 
 conv_kernel_init = nn.initializers.variance_scaling(
     1.0, 'fan_in', 'truncated_normal')
@@ -53,13 +62,12 @@ class Conv(nn.Module):
 
   1x1 convolutions run as a matmul over channels: on XLA:CPU that is several
   times faster than `conv_general_dilated` (benchmarks/README.md) and the same
-  on TPU/GPU. Depthwise convs use `feature_group_count`.
+  on TPU/GPU.
   """
   features: int
   kernel_size: int = 1
   strides: int = 1
   use_bias: bool = False
-  feature_group_count: int = 1
   kernel_init: Callable = conv_kernel_init
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
@@ -67,24 +75,69 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, s = self.kernel_size, self.strides
-    cin = x.shape[-1]
     kernel = self.param('kernel', self.kernel_init,
-                        (k, k, cin // self.feature_group_count, self.features),
-                        jnp.float32)
+                        (k, k, x.shape[-1], self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if k == 1 and self.feature_group_count == 1:
+    if k == 1:
       if s > 1:  # TF 'SAME' with a 1x1 kernel pads nothing: plain subsampling.
         x = x[:, ::s, ::s, :]
       y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
     else:
       y = jax.lax.conv_general_dilated(
           x, kernel, (s, s), 'SAME',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          feature_group_count=self.feature_group_count)
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1])
+
+
+# Keras initialises a DepthwiseConv2D kernel, shape [k, k, C, 1], with the same
+# fan rules as a full conv: fan_in = k*k*C, not k*k. Model Garden's
+# 'VarianceScaling' depthwise kernels therefore start with std
+# sqrt(1 / (9 C)), and we do the same for parity (our HWIO kernel is
+# [k, k, 1, C], hence the swapped axes). Batch norm follows every depthwise
+# conv, so the forward pass is insensitive to this scale; what it changes is
+# the step size relative to the weights. Pass
+# `kernel_init=conv_kernel_init` to get the true fan-in (k*k) instead.
+depthwise_kernel_init = nn.initializers.variance_scaling(
+    1.0, 'fan_in', 'truncated_normal', in_axis=-1, out_axis=-2)
+
+# Keras SeparableConv2D defaults: glorot_uniform for both kernels, with the
+# depthwise fans computed Keras-style as above (fan_in k*k*C, fan_out k*k).
+separable_depthwise_init = nn.initializers.variance_scaling(
+    1.0, 'fan_avg', 'uniform', in_axis=-1, out_axis=-2)
+separable_pointwise_init = nn.initializers.glorot_uniform()
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise conv (depth multiplier 1), 'SAME' padding, no bias.
+
+  The kernel is `depthwise_kernel` [k, k, 1, C]. The name differs from `kernel`
+  on purpose: Model Garden does not L2-regularise depthwise kernels
+  (`regularize_depthwise=False`; resampling passes `kernel_regularizer`, which
+  Keras' DepthwiseConv2D ignores), so a weight-decay mask on leaves named
+  `kernel` reproduces it.
+  """
+  kernel_size: int = 3
+  strides: int = 1
+  kernel_init: Callable = depthwise_kernel_init
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param('depthwise_kernel', self.kernel_init, (k, k, 1, c),
+                        jnp.float32)
+    return _depthwise(x.astype(self.dtype), kernel.astype(self.dtype),
+                      self.strides)
 
 
 class BatchNorm(nn.Module):
@@ -102,24 +155,58 @@ class BatchNorm(nn.Module):
         scale_init=self.scale_init, name='bn')(x)
 
 
+class LayerDefs(NamedTuple):
+  """What every layer of one network shares: its activation and its conv,
+  norm and depthwise-conv constructors (partials carrying dtype and the batch
+  norm settings)."""
+  activation: str
+  conv: ModuleDef
+  norm: ModuleDef
+  depthwise_conv: ModuleDef
+
+
+def layer_defs(activation: str, dtype: Dtype = jnp.float32,
+               bn_momentum: float = 0.99,
+               bn_epsilon: float = 1e-3) -> LayerDefs:
+  """The `LayerDefs` of a network in `dtype` with these batch norm settings."""
+  return LayerDefs(
+      activation, functools.partial(Conv, dtype=dtype),
+      functools.partial(BatchNorm, momentum=bn_momentum, epsilon=bn_epsilon,
+                        dtype=dtype),
+      functools.partial(DepthwiseConv, dtype=dtype))
+
+
 class ConvBN(nn.Module):
-  """Conv -> batch norm -> optional activation."""
+  """Conv -> norm -> optional activation (submodules `conv` and `norm`)."""
   features: int
   kernel_size: int = 1
   strides: int = 1
   activation: str | None = 'relu'
-  feature_group_count: int = 1
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  dtype: Dtype = jnp.float32
+  conv: ModuleDef = Conv
+  norm: ModuleDef = BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv(self.features, self.kernel_size, self.strides,
-             feature_group_count=self.feature_group_count, dtype=self.dtype,
-             name='conv')(x)
-    x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype,
-                  name='norm')(x, train)
+    x = self.conv(self.features, self.kernel_size, self.strides,
+                  name='conv')(x)
+    x = self.norm(name='norm')(x, train)
+    return get_activation(self.activation)(x) if self.activation else x
+
+
+class DepthwiseConvBN(nn.Module):
+  """Depthwise conv -> norm -> optional activation."""
+  kernel_size: int = 3
+  strides: int = 1
+  activation: str | None = 'relu'
+  kernel_init: Callable = depthwise_kernel_init
+  conv: ModuleDef = DepthwiseConv
+  norm: ModuleDef = BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = self.conv(self.kernel_size, self.strides, self.kernel_init,
+                  name='conv')(x)
+    x = self.norm(name='norm')(x, train)
     return get_activation(self.activation)(x) if self.activation else x
 
 
@@ -148,22 +235,20 @@ class BottleneckBlock(nn.Module):
   use_projection: bool = False
   stochastic_depth_rate: float = 0.0
   activation: str = 'relu'
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  dtype: Dtype = jnp.float32
+  conv: ModuleDef = Conv
+  norm: ModuleDef = BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-              dtype=self.dtype)
+    conv_bn = functools.partial(ConvBN, conv=self.conv, norm=self.norm)
     act = self.activation
     shortcut = x
     if self.use_projection:
-      shortcut = ConvBN(4 * self.filters, 1, self.strides, None,
-                        name='shortcut', **kw)(x, train)
-    y = ConvBN(self.filters, 1, 1, act, name='conv1', **kw)(x, train)
-    y = ConvBN(self.filters, 3, self.strides, act, name='conv2', **kw)(y, train)
-    y = ConvBN(4 * self.filters, 1, 1, None, name='conv3', **kw)(y, train)
+      shortcut = conv_bn(4 * self.filters, 1, self.strides, None,
+                         name='shortcut')(x, train)
+    y = conv_bn(self.filters, 1, 1, act, name='conv1')(x, train)
+    y = conv_bn(self.filters, 3, self.strides, act, name='conv2')(y, train)
+    y = conv_bn(4 * self.filters, 1, 1, None, name='conv3')(y, train)
     y = StochasticDepth(self.stochastic_depth_rate)(y, train)
     return get_activation(act)(y + shortcut.astype(y.dtype))
 
@@ -175,21 +260,19 @@ class ResidualBlock(nn.Module):
   use_projection: bool = False
   stochastic_depth_rate: float = 0.0
   activation: str = 'relu'
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  dtype: Dtype = jnp.float32
+  conv: ModuleDef = Conv
+  norm: ModuleDef = BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-              dtype=self.dtype)
+    conv_bn = functools.partial(ConvBN, conv=self.conv, norm=self.norm)
     act = self.activation
     shortcut = x
     if self.use_projection:
-      shortcut = ConvBN(self.filters, 1, self.strides, None, name='shortcut',
-                        **kw)(x, train)
-    y = ConvBN(self.filters, 3, self.strides, act, name='conv1', **kw)(x, train)
-    y = ConvBN(self.filters, 3, 1, None, name='conv2', **kw)(y, train)
+      shortcut = conv_bn(self.filters, 1, self.strides, None,
+                         name='shortcut')(x, train)
+    y = conv_bn(self.filters, 3, self.strides, act, name='conv1')(x, train)
+    y = conv_bn(self.filters, 3, 1, None, name='conv2')(y, train)
     y = StochasticDepth(self.stochastic_depth_rate)(y, train)
     return get_activation(act)(y + shortcut.astype(y.dtype))
 
@@ -197,91 +280,9 @@ class ResidualBlock(nn.Module):
 BLOCKS = {'bottleneck': BottleneckBlock, 'residual': ResidualBlock}
 
 
-def block_group(x: jax.Array, train: bool, block_fn: str, filters: int,
-                repeats: int, strides: int = 1, stochastic_depth_rate=0.0,
-                name: str = 'block', **kw) -> jax.Array:
-  """`repeats` blocks; only the first may stride or project (Model Garden).
-
-  Must be called inside a compact module (modules are named `name_r`).
-  """
-  cls = BLOCKS[block_fn]
-  out_ch = specs.block_channels(block_fn, filters)
-  use_projection = not (x.shape[-1] == out_ch and strides == 1)
-  for r in range(repeats):
-    x = cls(filters, strides if r == 0 else 1, use_projection and r == 0,
-            stochastic_depth_rate, name=f'{name}_{r}', **kw)(x, train)
-  return x
-
-
 # ---------------------------------------------------------------------------
-# SpineNet-Mobile building blocks (reference section 2.3-2.4).
-
-# Keras initialises a DepthwiseConv2D kernel, shape [k, k, C, 1], with the same
-# fan rules as a full conv: fan_in = k*k*C, not k*k. Model Garden's
-# 'VarianceScaling' depthwise kernels therefore start with std
-# sqrt(1 / (9 C)), and we do the same for parity (our HWIO kernel is
-# [k, k, 1, C], hence the swapped axes). Batch norm follows every depthwise
-# conv, so the forward pass is insensitive to this scale; what it changes is
-# the step size relative to the weights. Pass
-# `kernel_init=conv_kernel_init` to get the true fan-in (k*k) instead.
-depthwise_kernel_init = nn.initializers.variance_scaling(
-    1.0, 'fan_in', 'truncated_normal', in_axis=-1, out_axis=-2)
-
-# Keras SeparableConv2D defaults: glorot_uniform for both kernels, with the
-# depthwise fans computed Keras-style as above (fan_in k*k*C, fan_out k*k).
-separable_depthwise_init = nn.initializers.variance_scaling(
-    1.0, 'fan_avg', 'uniform', in_axis=-1, out_axis=-2)
-separable_pointwise_init = nn.initializers.glorot_uniform()
-
-
-def _depthwise(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
-  return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), 'SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=x.shape[-1])
-
-
-class DepthwiseConv(nn.Module):
-  """Depthwise conv (depth multiplier 1), 'SAME' padding, no bias.
-
-  The kernel is `depthwise_kernel` [k, k, 1, C]. The name differs from `kernel`
-  on purpose: Model Garden does not L2-regularise depthwise kernels
-  (`regularize_depthwise=False`; resampling passes `kernel_regularizer`, which
-  Keras' DepthwiseConv2D ignores), so a weight-decay mask on leaves named
-  `kernel` reproduces it.
-  """
-  kernel_size: int = 3
-  strides: int = 1
-  kernel_init: Callable = depthwise_kernel_init
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k, c = self.kernel_size, x.shape[-1]
-    kernel = self.param('depthwise_kernel', self.kernel_init, (k, k, 1, c),
-                        jnp.float32)
-    return _depthwise(x.astype(self.dtype), kernel.astype(self.dtype),
-                      self.strides)
-
-
-class DepthwiseConvBN(nn.Module):
-  """Depthwise conv -> batch norm -> optional activation."""
-  kernel_size: int = 3
-  strides: int = 1
-  activation: str | None = 'relu'
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  kernel_init: Callable = depthwise_kernel_init
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = DepthwiseConv(self.kernel_size, self.strides, self.kernel_init,
-                      self.dtype, name='conv')(x)
-    x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype,
-                  name='norm')(x, train)
-    return get_activation(self.activation)(x) if self.activation else x
-
+# SpineNet-Mobile building blocks (Du et al., arXiv:2010.11426; Model
+# Garden's `InvertedBottleneckBlock` and `SqueezeExcitation`).
 
 class SeparableConv(nn.Module):
   """Keras SeparableConv2D: depthwise k x k, then pointwise 1x1 with bias.
@@ -329,15 +330,15 @@ class SqueezeExcitation(nn.Module):
   se_ratio: float = 0.2
   activation: str = 'relu'
   gating_activation: str = 'hard_sigmoid'
-  dtype: Dtype = jnp.float32
+  conv: ModuleDef = Conv
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     reduced = max(1, int(self.in_filters * self.se_ratio))
     s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-    s = Conv(reduced, 1, use_bias=True, dtype=self.dtype, name='reduce')(s)
+    s = self.conv(reduced, 1, use_bias=True, name='reduce')(s)
     s = get_activation(self.activation)(s)
-    s = Conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name='expand')(s)
+    s = self.conv(x.shape[-1], 1, use_bias=True, name='expand')(s)
     s = get_activation(self.gating_activation)(s)
     return x * s.astype(x.dtype)
 
@@ -360,34 +361,30 @@ class InvertedBottleneckBlock(nn.Module):
   activation: str = 'relu'
   se_inner_activation: str = 'relu'
   se_gating_activation: str = 'hard_sigmoid'
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
   depthwise_init: Callable = depthwise_kernel_init
-  dtype: Dtype = jnp.float32
+  conv: ModuleDef = Conv
+  depthwise_conv: ModuleDef = DepthwiseConv
+  norm: ModuleDef = BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-              dtype=self.dtype)
+    conv_bn = functools.partial(ConvBN, conv=self.conv, norm=self.norm)
     act = self.activation
     in_filters = x.shape[-1]
     y = x
     if self.expand_ratio > 1:
-      y = ConvBN(in_filters * self.expand_ratio, 1, 1, act, name='expand',
-                 **kw)(y, train)
+      y = conv_bn(in_filters * self.expand_ratio, 1, 1, act,
+                  name='expand')(y, train)
     y = DepthwiseConvBN(self.kernel_size, self.strides, act,
-                        kernel_init=self.depthwise_init, name='depthwise',
-                        **kw)(y, train)
+                        self.depthwise_init, self.depthwise_conv, self.norm,
+                        name='depthwise')(y, train)
     if self.se_ratio and 0 < self.se_ratio <= 1:
       y = SqueezeExcitation(in_filters, self.se_ratio,
                             self.se_inner_activation,
-                            self.se_gating_activation, self.dtype,
+                            self.se_gating_activation, self.conv,
                             name='se')(y)
-    y = ConvBN(self.out_filters, 1, 1, None, name='project', **kw)(y, train)
+    y = conv_bn(self.out_filters, 1, 1, None, name='project')(y, train)
     if in_filters == self.out_filters and self.strides == 1:
       y = StochasticDepth(self.stochastic_depth_rate)(y, train)
       y = y + x.astype(y.dtype)
     return y
-
-
-MBConv = InvertedBottleneckBlock

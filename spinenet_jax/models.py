@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spinenet_jax import heads
 from spinenet_jax import specs as specs_lib
-from spinenet_jax.spinenet import SpineNet
+from spinenet_jax.detection import anchors as anchors_lib
+from spinenet_jax.spinenet import ScalePermutedNetwork, SpineNet
 from spinenet_jax.spinenet_mobile import SpineNetMobile
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
+
+
+# Model fields that SpineNet-Mobile has no use for, with the reason.
+_NOT_MOBILE = {
+    'resample_alpha': 'mobile resampling has no 1x1 reduction',
+    'stem_filters': 'its stem width comes from filter_size_scale',
+}
+
+
+def _field_names(cls: type) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
 
 
 class _WithBackbone(nn.Module):
@@ -24,7 +38,8 @@ class _WithBackbone(nn.Module):
   build SpineNet-Mobile (`SpineNetMobile`); `resample_alpha` does not apply
   to it, and `se_ratio`, `expand_ratio` apply only to it. `activation=None`
   means the model id's default: swish, or Model Garden's choice for the
-  mobile ids (hard_swish for 49 and 49S, swish for 49XS).
+  mobile ids (hard_swish for 49 and 49S, swish for 49XS). Each field goes to
+  the backbone field of the same name.
   """
   model_id: str = '49'
   block_specs: Sequence[Any] | None = None
@@ -43,49 +58,38 @@ class _WithBackbone(nn.Module):
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
 
+  _resize_fallback = False  # Not a field: the backbone's, fixed per model.
+
   @property
   def is_mobile(self) -> bool:
+    """Whether `model_id` is a SpineNet-Mobile id ('*_mobile')."""
     return specs_lib.is_mobile(self.model_id)
 
   def scaling(self) -> specs_lib.Scaling | specs_lib.MobileScaling:
+    """The scaling of `model_id` (before any field overrides it)."""
     return specs_lib.get_any_scaling(self.model_id)
 
   def resolved_activation(self) -> str:
+    """`activation`, or the model id's default where it is None."""
     if self.activation is not None:
       return self.activation
     return self.scaling().activation if self.is_mobile else 'swish'
 
-  def backbone(self, **kwargs) -> nn.Module:
+  def backbone(self) -> ScalePermutedNetwork:
+    """The backbone as an unbound module (e.g. for its `plan()`)."""
+    return self._backbone(parent=None)
+
+  def _backbone(self, **kwargs: Any) -> ScalePermutedNetwork:
+    cls = SpineNetMobile if self.is_mobile else SpineNet
     if self.is_mobile:
-      if self.resample_alpha is not None:
-        raise ValueError(f'resample_alpha does not apply to SpineNet-'
-                         f'{self.model_id} (mobile resampling has no 1x1 '
-                         'reduction); leave it None.')
-      if self.stem_filters is not None:
-        raise ValueError(f'stem_filters does not apply to SpineNet-'
-                         f'{self.model_id} (its stem width comes from '
-                         'filter_size_scale); leave it None.')
-      return SpineNetMobile(
-          model_id=self.model_id, block_specs=self.block_specs,
-          min_level=self.min_level, max_level=self.max_level,
-          endpoints_num_filters=self.endpoints_num_filters,
-          filter_size_scale=self.filter_size_scale,
-          block_repeats=self.block_repeats, se_ratio=self.se_ratio,
-          expand_ratio=self.expand_ratio,
-          activation=self.resolved_activation(),
-          stochastic_depth_rate=self.stochastic_depth_rate,
-          bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-          dtype=self.dtype, name='backbone', **kwargs)
-    return SpineNet(
-        model_id=self.model_id, block_specs=self.block_specs,
-        min_level=self.min_level, max_level=self.max_level,
-        endpoints_num_filters=self.endpoints_num_filters,
-        filter_size_scale=self.filter_size_scale,
-        resample_alpha=self.resample_alpha, block_repeats=self.block_repeats,
-        stem_filters=self.stem_filters, activation=self.resolved_activation(),
-        stochastic_depth_rate=self.stochastic_depth_rate,
-        bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-        dtype=self.dtype, name='backbone', **kwargs)
+      for name, why in _NOT_MOBILE.items():
+        if getattr(self, name) is not None:
+          raise ValueError(f'{name} does not apply to SpineNet-'
+                           f'{self.model_id} ({why}); leave it None.')
+    fields = {name: getattr(self, name)
+              for name in _field_names(cls) & _field_names(type(self))}
+    fields['activation'] = self.resolved_activation()
+    return cls(**fields, resize_fallback=self._resize_fallback, **kwargs)
 
 
 class RetinaNet(_WithBackbone):
@@ -105,6 +109,7 @@ class RetinaNet(_WithBackbone):
 
   @property
   def num_anchors(self) -> int:
+    """Anchors per location: num_scales * len(aspect_ratios)."""
     return self.num_scales * len(self.aspect_ratios)
 
   def anchor_config(self) -> dict[str, Any]:
@@ -115,9 +120,15 @@ class RetinaNet(_WithBackbone):
                 anchor_size=(self.scaling().anchor_size
                              if self.anchor_size is None else self.anchor_size))
 
-  @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False):
-    feats = self.backbone()(images, train)
+  def anchors(self, image_size: int | Sequence[int]) -> np.ndarray:
+    """`[N, 4]` yxyx anchors of an input size, in the outputs' flat order."""
+    return anchors_lib.multilevel_anchors(image_size, **self.anchor_config())
+
+  def head(self) -> heads.RetinaNetHead:
+    """The head as an unbound module."""
+    return self._head(parent=None)
+
+  def _head(self, **kwargs: Any) -> heads.RetinaNetHead:
     s = self.scaling()
     return heads.RetinaNetHead(
         self.num_classes, self.num_anchors,
@@ -129,8 +140,13 @@ class RetinaNet(_WithBackbone):
         use_separable_conv=(
             getattr(s, 'head_use_separable_conv', False)
             if self.head_use_separable_conv is None
-            else self.head_use_separable_conv),
-        name='head')(feats, train)
+            else self.head_use_separable_conv), **kwargs)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False
+               ) -> dict[str, dict[int, jax.Array]]:
+    feats = self._backbone(name='backbone')(images, train)
+    return self._head(name='head')(feats, train)
 
 
 class Classifier(_WithBackbone):
@@ -142,23 +158,33 @@ class Classifier(_WithBackbone):
   num_classes: int = 1001
   dropout_rate: float = 0.0
 
+  _resize_fallback = True
+
+  def head(self) -> heads.ClassificationHead:
+    """The head as an unbound module."""
+    return self._head(parent=None)
+
+  def _head(self, **kwargs: Any) -> heads.ClassificationHead:
+    return heads.ClassificationHead(self.num_classes, self.dropout_rate,
+                                    self.dtype, **kwargs)
+
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    feats = self.backbone(resize_fallback=True)(images, train)
-    return heads.ClassificationHead(self.num_classes, self.dropout_rate,
-                                    self.dtype, name='head')(feats, train)
+    feats = self._backbone(name='backbone')(images, train)
+    return self._head(name='head')(feats, train)
 
 
 TASKS = {'retinanet': RetinaNet, 'classification': Classifier}
 
 
-def get_dtype(name: str):
+def get_dtype(name: str) -> Any:
+  """The jnp dtype called `name` ('float32', 'bfloat16', 'float16')."""
   if name not in DTYPES:
     raise ValueError(f'Unknown dtype {name!r}; expected one of {sorted(DTYPES)}.')
   return DTYPES[name]
 
 
-def build_model(config) -> nn.Module:
+def build_model(config: Any) -> RetinaNet | Classifier:
   """Builds the model of `config.task` from `config.model` and `config.dtype`.
 
   `config.task` is 'retinanet' or 'classification'; `config.model` holds the
@@ -169,7 +195,7 @@ def build_model(config) -> nn.Module:
     raise ValueError(f'Unknown task {task!r}; expected one of {sorted(TASKS)}.')
   cls = TASKS[task]
   kwargs = dict(config.get('model', {}))
-  fields = set(cls.__dataclass_fields__) - {'parent', 'name'}
+  fields = _field_names(cls)
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise ValueError(f'Unknown config.model field(s) {unknown} for {task}; '

@@ -14,19 +14,21 @@ top-k classes instead (`classifications`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from typing import Sequence
+import sys
+from typing import Any, Sequence
 
+from absl import flags
 import numpy as np
 from PIL import Image
 
-from spinenet_jax.draw import draw_detections
 from spinenet_jax import inference
+from spinenet_jax.draw import draw_detections
 
 
 def read_image(path: str) -> np.ndarray:
+  """The image file at `path` as uint8 RGB `[H, W, 3]`."""
   with Image.open(path) as im:
     return np.asarray(im.convert('RGB'))
 
@@ -43,7 +45,7 @@ def _unique_names(paths: Sequence[str]) -> list[str]:
 
 def predict(run: inference.Run, paths: Sequence[str], output: str,
             score_threshold: float | None = None, batch_size: int = 8,
-            k: int = 5) -> list[dict]:
+            k: int = 5) -> list[dict[str, Any]]:
   """Writes `output/NAME.png` and `NAME.json` per image; returns the records."""
   os.makedirs(output, exist_ok=True)
   records = []
@@ -86,27 +88,47 @@ def predict(run: inference.Run, paths: Sequence[str], output: str,
   return records
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--workdir', required=True,
-                 help='training run directory (or WORKDIR/checkpoints/STEP)')
-  p.add_argument('--image', action='append', required=True,
-                 help='an image file; repeat for more')
-  p.add_argument('--output', required=True, help='output directory')
-  p.add_argument('--step', type=int, default=None,
-                 help='checkpoint step (default: latest)')
-  p.add_argument('--score_threshold', type=float, default=None,
-                 help="default: the run's config.eval.score_threshold")
-  p.add_argument('--batch_size', type=int, default=8)
-  args = p.parse_args(argv)
-  run = inference.load_checkpoint(args.workdir, step=args.step)
-  records = predict(run, args.image, args.output, args.score_threshold,
-                    args.batch_size)
+def define_flags(fv: flags.FlagValues) -> None:
+  """Defines the command-line flags on `fv`."""
+  flags.DEFINE_string(
+      'workdir', None,
+      'Training run directory (or WORKDIR/checkpoints/STEP).', flag_values=fv)
+  flags.DEFINE_multi_string('image', None, 'An image file; repeat for more.',
+                            flag_values=fv)
+  flags.DEFINE_string('output', None, 'Output directory.', flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).',
+                       flag_values=fv)
+  flags.DEFINE_float('score_threshold', None,
+                     "Default: the run's config.eval.score_threshold.",
+                     flag_values=fv)
+  flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.',
+                       flag_values=fv)
+  for name in ('workdir', 'image', 'output'):
+    flags.mark_flag_as_required(name, flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs --workdir's model on --image files; `argv` excludes the program."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  args = list(sys.argv[1:] if argv is None else argv)
+  if {'-h', '--help', '--helpfull'} & set(args):
+    print(f'{__doc__}\n{fv.get_help()}')
+    return 0
+  try:
+    fv(['predict', *args])
+  except flags.Error as e:
+    print(f'{e}\n\n{__doc__}\n{fv.get_help()}', file=sys.stderr)
+    return 2
+  run = inference.load_checkpoint(fv.workdir, step=fv.step)
+  records = predict(run, fv.image, fv.output, fv.score_threshold,
+                    fv.batch_size)
   for rec in records:
     n = len(rec.get('detections', rec.get('classifications', [])))
     what = 'detections' if run.is_detection else 'classes'
     print(f'{rec["image"]}: {n} {what} -> {rec["output"]}')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

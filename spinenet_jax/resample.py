@@ -1,6 +1,14 @@
-"""Cross-scale resampling between SpineNet blocks (reference section 1.6)."""
+"""Cross-scale resampling between SpineNet blocks.
+
+Du et al., CVPR 2020 (arXiv:1912.05027), section 3.2, as Model Garden builds
+it: `official/vision/modeling/backbones/spinenet.py`
+`SpineNet._resample_with_alpha` and, for SpineNet-Mobile,
+`spinenet_mobile.py` `SpineNetMobile._resample_with_sepconv`.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -91,33 +99,30 @@ class Resample(nn.Module):
   target_channels: int
   alpha: float = 0.5
   activation: str = 'relu'
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
   resize_fallback: bool = False
-  dtype: jnp.dtype = jnp.float32
+  conv: layers.ModuleDef = layers.Conv
+  norm: layers.ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, size: tuple[int, int],
                train: bool) -> jax.Array:
-    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-              dtype=self.dtype)
+    conv_bn = functools.partial(layers.ConvBN, conv=self.conv, norm=self.norm)
     c = x.shape[-1]
     if self.parent_block_fn == 'bottleneck':
       c /= 4
     c = int(c * self.alpha)
-    x = layers.ConvBN(c, 1, 1, self.activation, name='reduce', **kw)(x, train)
+    x = conv_bn(c, 1, 1, self.activation, name='reduce')(x, train)
     if x.shape[1] > size[0]:
-      x = layers.ConvBN(c, 3, 2, self.activation, name='down', **kw)(x, train)
+      x = conv_bn(c, 3, 2, self.activation, name='down')(x, train)
       while x.shape[1] > size[0]:
         x = max_pool(x)
     elif x.shape[1] < size[0]:
       x = resize_nearest(x, size, self.resize_fallback)
-    return layers.ConvBN(self.target_channels, 1, 1, None, name='project',
-                         **kw)(x, train)
+    return conv_bn(self.target_channels, 1, 1, None, name='project')(x, train)
 
 
 class SeparableResample(nn.Module):
-  """SpineNet-Mobile's `resample_with_sepconv` (reference section 2.4).
+  """SpineNet-Mobile's `resample_with_sepconv`.
 
   No 1x1 reduction first. Down: repeated depthwise 3x3 stride-2 conv -> BN ->
   act (one per factor of 2, named `down0`, `down1`, ...); up: nearest
@@ -126,22 +131,21 @@ class SeparableResample(nn.Module):
   """
   target_channels: int
   activation: str = 'relu'
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
   resize_fallback: bool = False
-  dtype: jnp.dtype = jnp.float32
+  conv: layers.ModuleDef = layers.Conv
+  depthwise_conv: layers.ModuleDef = layers.DepthwiseConv
+  norm: layers.ModuleDef = layers.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, size: tuple[int, int],
                train: bool) -> jax.Array:
-    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-              dtype=self.dtype)
     k = 0
     while x.shape[1] > size[0]:
-      x = layers.DepthwiseConvBN(3, 2, self.activation, name=f'down{k}',
-                                 **kw)(x, train)
+      x = layers.DepthwiseConvBN(3, 2, self.activation,
+                                 conv=self.depthwise_conv, norm=self.norm,
+                                 name=f'down{k}')(x, train)
       k += 1
     if x.shape[1] < size[0]:
       x = resize_nearest(x, size, self.resize_fallback)
-    return layers.ConvBN(self.target_channels, 1, 1, None, name='project',
-                         **kw)(x, train)
+    return layers.ConvBN(self.target_channels, 1, 1, None, conv=self.conv,
+                         norm=self.norm, name='project')(x, train)

@@ -2,14 +2,16 @@
 
 A block specification is a sequence of ``(level, block_fn, (input0, input1),
 is_output)`` tuples. Inputs index a growing list of feature maps: entries 0 and
-1 are the two stem blocks and spec ``i`` produces entry ``i + 2``. See section
-1 of the engineering reference.
+1 are the two stem blocks and spec ``i`` produces entry ``i + 2``. This is the
+scale permutation of Du et al., CVPR 2020 (arXiv:1912.05027), section 3.1, in
+the format of Model Garden's `official/vision/modeling/backbones/spinenet.py`
+`SPINENET_BLOCK_SPECS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 BLOCK_FNS = ('bottleneck', 'residual')
 
@@ -18,13 +20,15 @@ FILTER_SIZE_MAP = {1: 32, 2: 64, 3: 128, 4: 256, 5: 256, 6: 256, 7: 256}
 
 
 class BlockSpec(NamedTuple):
+  """One scale-permuted block: its level, type, two inputs, output or not."""
   level: int
   block_fn: str
   input_offsets: tuple[int, int]
   is_output: bool
 
 
-def _spec(level, block_fn, inputs, is_output):
+def _spec(level: int, block_fn: str, inputs: Sequence[int],
+          is_output: bool) -> BlockSpec:
   return BlockSpec(level, block_fn, tuple(inputs), is_output)
 
 
@@ -64,8 +68,9 @@ class Scaling:
   anchor_size: float
 
 
-# 49S uses 256-channel endpoints: that is what its published size (11.9M
-# params, 33.8B MACs) and released checkpoint have (reference section 1.9).
+# 49S uses 256-channel endpoints, not the 128 of Model Garden's SCALING_MAP:
+# 256 is what its published size (11.9M params, 33.8B FLOPs; Du et al., 2020)
+# and its released checkpoint have.
 SCALING_MAP = {
     '49S': Scaling(256, 0.65, 0.5, 1, 4, 128, 3.0),
     '49': Scaling(256, 1.0, 0.5, 1, 4, 256, 3.0),
@@ -154,13 +159,14 @@ class Node:
 
 
 def block_channels(block_fn: str, filters: int) -> int:
+  """Output channels of a SpineNet block: x4 for bottlenecks."""
   return 4 * filters if block_fn == 'bottleneck' else filters
 
 
 def plan(specs: Sequence[BlockSpec], filter_size_scale: float, min_level: int,
          max_level: int, stem: Sequence[tuple[int, str, int]],
          filter_size_map: dict[int, int] = FILTER_SIZE_MAP,
-         channels_fn=block_channels
+         channels_fn: Callable[[str, int], int] = block_channels
          ) -> tuple[list[Node], dict[int, int]]:
   """Lays out the network: which blocks are built and what feeds each one.
 
@@ -213,7 +219,8 @@ def plan(specs: Sequence[BlockSpec], filter_size_scale: float, min_level: int,
 
 
 # ---------------------------------------------------------------------------
-# SpineNet-Mobile (reference section 2): the same scale-permutation idea with
+# SpineNet-Mobile (Du et al., arXiv:2010.11426; Model Garden's
+# `backbones/spinenet_mobile.py`): the same scale-permutation idea with
 # MBConv blocks. Model ids are '49_mobile', '49S_mobile' and '49XS_mobile'
 # (Model Garden calls them '49', '49S', '49XS' under backbone type
 # 'spinenet_mobile').
@@ -281,6 +288,7 @@ def is_mobile(model_id: str) -> bool:
 
 
 def mobile_model_ids() -> list[str]:
+  """The SpineNet-Mobile model ids: '49_mobile', '49S_mobile', '49XS_mobile'."""
   return [k + MOBILE_SUFFIX for k in MOBILE_SCALING_MAP]
 
 
@@ -301,5 +309,47 @@ def get_any_scaling(model_id: str) -> Scaling | MobileScaling:
 
 
 def mobile_channels(block_fn: str, filters: int) -> int:
-  del block_fn  # MBConv outputs its filters.
+  """Output channels of a SpineNet-Mobile block: its filters."""
+  del block_fn  # MBConv has no expansion at its output.
   return filters
+
+
+# ---------------------------------------------------------------------------
+# Families: what SpineNet and SpineNet-Mobile fix for the shared
+# scale-permuted core (`spinenet.ScalePermutedNetwork`).
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Family:
+  """Default permutation, block types, widths and stem of a network family."""
+  block_specs: tuple[BlockSpec, ...]
+  block_fns: tuple[str, ...]
+  filter_size_map: Mapping[int, int]
+  stem: tuple[tuple[int, str], ...]  # (level, block_fn) of each stem feature.
+  channels_fn: Callable[[str, int], int]
+  get_scaling: Callable[[str], Scaling | MobileScaling]
+
+  def plan(self, block_specs: Sequence[Any] | None, filter_size_scale: float,
+           min_level: int, max_level: int
+           ) -> tuple[tuple[BlockSpec, ...], list[Node], dict[int, int]]:
+    """Validated block specs (the default if None), built nodes, endpoints."""
+    block_specs = to_block_specs(
+        self.block_specs if block_specs is None else block_specs)
+    validate(block_specs, min_level, max_level, block_fns=self.block_fns,
+             num_stem=len(self.stem))
+    fmap = self.filter_size_map
+    stem = [(level, fn, self.channels_fn(fn, int(fmap[level] *
+                                                 filter_size_scale)))
+            for level, fn in self.stem]
+    nodes, endpoints = plan(block_specs, filter_size_scale, min_level,
+                            max_level, stem, filter_size_map=fmap,
+                            channels_fn=self.channels_fn)
+    return block_specs, nodes, endpoints
+
+
+SPINENET = Family(SPINENET_BLOCK_SPECS, BLOCK_FNS, FILTER_SIZE_MAP,
+                  ((2, 'bottleneck'), (2, 'bottleneck')), block_channels,
+                  get_scaling)
+SPINENET_MOBILE = Family(SPINENET_MOBILE_BLOCK_SPECS, MOBILE_BLOCK_FNS,
+                         MOBILE_FILTER_SIZE_MAP, ((1, 'mbconv'), (2, 'mbconv')),
+                         mobile_channels, get_mobile_scaling)

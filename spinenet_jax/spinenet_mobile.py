@@ -1,11 +1,12 @@
 """SpineNet-Mobile (Du et al., arXiv:2010.11426) in Flax linen.
 
-The scale-permuted backbone of `spinenet.py` with MBConv blocks
+The scale-permuted core of `spinenet.py` with MBConv blocks
 (`layers.InvertedBottleneckBlock`, squeeze-excitation ratio 0.2, expansion 6),
 resampling by depthwise convolutions without the 1x1 alpha reduction
 (`resample.SeparableResample`) and a 3x3/2 stem conv. It follows TF2 Model
-Garden's `backbones/spinenet_mobile.py` (reference section 2); where the TPU
-`spinenet_mbconv.py` differs, Model Garden wins:
+Garden's `official/vision/modeling/backbones/spinenet_mobile.py`
+`SpineNetMobile`; where the TPU `spinenet_mbconv.py` differs, Model Garden
+wins:
 
 * squeeze-excitation uses relu inside and a hard-sigmoid gate (TPU: swish and
   sigmoid); `se_inner_activation` / `se_gating_activation` select either;
@@ -27,115 +28,69 @@ Here levels are kept and the input size must divide by 2^(highest level).
 
 from __future__ import annotations
 
-import math
-from typing import Any, Sequence
+import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from spinenet_jax import layers
 from spinenet_jax import resample
 from spinenet_jax import specs as specs_lib
-from spinenet_jax.spinenet import check_input_size
+from spinenet_jax.spinenet import ScalePermutedNetwork
 
 
-class SpineNetMobile(nn.Module):
+class SpineNetMobile(ScalePermutedNetwork):
   """SpineNet-Mobile backbone: features {level: [B, H/2^level, W/2^level, C]}.
 
   `model_id` picks the scaling: '49_mobile', '49S_mobile', '49XS_mobile' (Model
   Garden's '49', '49S', '49XS' are accepted too); any of the scaling fields set
   here overrides it. `block_specs` replaces the scale permutation (a sequence
   of (level, 'mbconv', (in0, in1), is_output); features 0 and 1 are the
-  level-1 and level-2 stem blocks).
+  level-1 and level-2 stem blocks). `activation=None` is the model id's
+  (hard_swish / swish).
   """
   model_id: str = '49_mobile'
-  block_specs: Sequence[Any] | None = None
-  min_level: int = 3
-  max_level: int = 7
-  endpoints_num_filters: int | None = None
-  filter_size_scale: float | None = None
-  block_repeats: int | None = None
+  activation: str | None = None
   se_ratio: float = 0.2
   expand_ratio: int = 6
-  activation: str | None = None  # None: the model id's (hard_swish / swish).
   se_inner_activation: str = 'relu'
   se_gating_activation: str = 'hard_sigmoid'
-  stochastic_depth_rate: float = 0.0
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  resize_fallback: bool = False
-  dtype: Any = jnp.float32
 
-  def setting(self, name: str):
-    value = getattr(self, name)
-    if value is None:
-      value = getattr(specs_lib.get_mobile_scaling(self.model_id), name)
-    return value
+  family = specs_lib.SPINENET_MOBILE
 
-  def plan(self):
-    block_specs = specs_lib.to_block_specs(
-        specs_lib.SPINENET_MOBILE_BLOCK_SPECS if self.block_specs is None
-        else self.block_specs)
-    specs_lib.validate(block_specs, self.min_level, self.max_level,
-                       block_fns=specs_lib.MOBILE_BLOCK_FNS)
+  def _stem(self, x: jax.Array, train: bool,
+            defs: layers.LayerDefs) -> list[jax.Array]:
+    # A 3x3/2 conv, then MBConv to level 1 (stride 1) and level 2 (stride 2);
+    # both are features. No stochastic depth in the stem.
+    fmap = self.family.filter_size_map
     fss = self.setting('filter_size_scale')
-    fmap = specs_lib.MOBILE_FILTER_SIZE_MAP
-    stem = [(1, 'mbconv', int(fmap[1] * fss)), (2, 'mbconv', int(fmap[2] * fss))]
-    nodes, endpoints = specs_lib.plan(
-        block_specs, fss, self.min_level, self.max_level, stem,
-        filter_size_map=fmap, channels_fn=specs_lib.mobile_channels)
-    return block_specs, nodes, endpoints
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
-    block_specs, nodes, endpoints = self.plan()
-    top = max([n.level for n in nodes] + [self.max_level])
-    if not self.resize_fallback:
-      check_input_size(x.shape, 2**top, f'SpineNet-{self.model_id}')
-    kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-              dtype=self.dtype)
-    act = self.setting('activation')
-    fss = self.setting('filter_size_scale')
-    repeats = self.setting('block_repeats')
-    fmap = specs_lib.MOBILE_FILTER_SIZE_MAP
-    height, width = x.shape[1:3]
-
-    def group(y, out_filters, strides, rate, name):
-      for r in range(repeats):
-        y = layers.InvertedBottleneckBlock(
-            out_filters, self.expand_ratio, strides if r == 0 else 1,
-            se_ratio=self.se_ratio, stochastic_depth_rate=rate,
-            activation=act, se_inner_activation=self.se_inner_activation,
-            se_gating_activation=self.se_gating_activation,
-            name=f'{name}_{r}', **kw)(y, train)
-      return y
-
-    # Stem: 3x3/2 conv, then MBConv to level 1 (stride 1) and level 2
-    # (stride 2); both are features. No stochastic depth in the stem.
-    x = layers.ConvBN(int(fmap[0] * fss), 3, 2, act, name='stem_conv',
-                      **kw)(x, train)
-    feats = {}
+    x = layers.ConvBN(int(fmap[0] * fss), 3, 2, defs.activation, defs.conv,
+                      defs.norm, name='stem_conv')(x, train)
+    feats = []
     for g, strides in enumerate((1, 2)):
-      x = group(x, int(fmap[g + 1] * fss), strides, 0.0, f'stem_block{g}')
-      feats[g] = x
+      x = self._group(x, train, 'mbconv', int(fmap[g + 1] * fss), strides,
+                      0.0, f'stem_block{g}', defs)
+      feats.append(x)
+    return feats
 
-    # Scale-permuted blocks.
-    for node in nodes:
-      size = (math.ceil(height / 2**node.level),
-              math.ceil(width / 2**node.level))
-      parents = [
-          resample.SeparableResample(
-              node.channels, act, resize_fallback=self.resize_fallback,
-              name=f'resample{node.index}_{k}', **kw)(feats[j], size, train)
-          for k, j in enumerate(node.inputs)]
-      parents += [feats[j].astype(parents[0].dtype) for j in node.extras]
-      y = layers.get_activation(act)(sum(parents))
-      rate = self.stochastic_depth_rate * (node.spec_index + 1) / len(block_specs)
-      feats[node.index] = group(y, node.filters, 1, rate, f'block{node.index}')
+  def _resample(self, parent_block_fn: str, target_channels: int, name: str,
+                defs: layers.LayerDefs) -> nn.Module:
+    del parent_block_fn  # No alpha reduction: the parent's width is unused.
+    return resample.SeparableResample(
+        target_channels, defs.activation, self.resize_fallback, defs.conv,
+        defs.depthwise_conv, defs.norm, name=name)
 
-    # Endpoints: 1x1 conv-BN-act to a common width.
-    n = self.setting('endpoints_num_filters')
-    return {level: layers.ConvBN(n, 1, 1, act, name=f'endpoint{level}', **kw)(
-                feats[endpoints[level]], train)
-            for level in range(self.min_level, self.max_level + 1)}
+  def _group(self, x: jax.Array, train: bool, block_fn: str, filters: int,
+             strides: int, rate: float, name: str,
+             defs: layers.LayerDefs) -> jax.Array:
+    del block_fn  # Always 'mbconv'.
+    block = functools.partial(
+        layers.InvertedBottleneckBlock, filters, self.expand_ratio,
+        se_ratio=self.se_ratio, stochastic_depth_rate=rate,
+        activation=defs.activation,
+        se_inner_activation=self.se_inner_activation,
+        se_gating_activation=self.se_gating_activation, conv=defs.conv,
+        depthwise_conv=defs.depthwise_conv, norm=defs.norm)
+    for r in range(self.setting('block_repeats')):
+      x = block(strides if r == 0 else 1, name=f'{name}_{r}')(x, train)
+    return x

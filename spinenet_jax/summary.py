@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 from spinenet_jax import models
 
 
-def _sub_jaxprs(params: dict[str, Any]):
+def _sub_jaxprs(params: dict[str, Any]) -> Iterator[Any]:
   for value in params.values():
     for v in value if isinstance(value, (tuple, list)) else (value,):
       if hasattr(v, 'jaxpr') and hasattr(v, 'consts'):  # ClosedJaxpr
@@ -32,7 +33,7 @@ def _sub_jaxprs(params: dict[str, Any]):
         yield v
 
 
-def count_macs(jaxpr) -> int:
+def count_macs(jaxpr: Any) -> int:
   """Multiply-adds of all convolutions and dot products in a jaxpr."""
   total = 0
   for eqn in jaxpr.eqns:
@@ -52,7 +53,7 @@ def count_macs(jaxpr) -> int:
   return total
 
 
-def summarize(model, image_size: int | tuple[int, int],
+def summarize(model: nn.Module, image_size: int | tuple[int, int],
               batch_size: int = 1) -> dict[str, Any]:
   """Returns {'params', 'macs' (per image), 'outputs'} without running it."""
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -69,7 +70,7 @@ def summarize(model, image_size: int | tuple[int, int],
           'outputs': _jsonable(shapes)}
 
 
-def _jsonable(tree):
+def _jsonable(tree: Any) -> Any:
   if isinstance(tree, dict):
     return {str(k): _jsonable(v) for k, v in tree.items()}
   return tree
@@ -84,7 +85,8 @@ flags.DEFINE_string('dtype', 'float32', 'Compute dtype.')
 flags.DEFINE_bool('json', False, 'Print one JSON object.')
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> None:
+  """Prints the summary of --model; `argv` is unused (absl.app)."""
   del argv
   kwargs = {'model_id': FLAGS.model, 'dtype': models.get_dtype(FLAGS.dtype)}
   if FLAGS.num_classes is not None:

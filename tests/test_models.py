@@ -134,6 +134,26 @@ def test_build_model_rejects_unknown_field():
     snj.build_model(config)
 
 
+def test_backbone_head_and_anchors_methods():
+  from spinenet_jax.detection import anchors as anchors_lib
+  model = snj.RetinaNet(num_classes=4, bn_momentum=0.9, block_repeats=2,
+                        min_level=4, **TINY)
+  bb = model.backbone()  # Unbound, with the model's backbone fields.
+  assert isinstance(bb, snj.SpineNet) and bb.parent is None
+  assert (bb.bn_momentum, bb.block_repeats, bb.min_level) == (0.9, 2, 4)
+  assert bb.setting('endpoints_num_filters') == 16 and bb.activation == 'swish'
+  assert sorted(bb.plan()[2]) == [4, 5, 6, 7]
+  assert isinstance(snj.RetinaNet(model_id='49S_mobile').backbone(),
+                    snj.SpineNetMobile)
+  assert snj.Classifier().backbone().resize_fallback
+  assert not snj.RetinaNet().backbone().resize_fallback
+  np.testing.assert_array_equal(
+      model.anchors(128), anchors_lib.multilevel_anchors(
+          128, min_level=4, anchor_size=3.0))
+  head = model.head()
+  assert (head.num_convs, head.num_filters, head.bn_momentum) == (1, 16, 0.9)
+
+
 @pytest.fixture(scope='module')
 def tiny():
   model = snj.RetinaNet(num_classes=5, stochastic_depth_rate=0.5, **TINY)

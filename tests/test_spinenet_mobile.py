@@ -39,10 +39,10 @@ def num_params(tree):
 # Garden's architecture; an independent closed-form count gives the same
 # numbers, and `make parity` checks the MACs against Model Garden's own TF
 # graph (test_parity_macs_with_model_garden: equal to the multiply-add).
-# Reference section 2.5 gives 2.338M / 0.98B, 1.031M / 0.50B and
-# 0.873M / 0.17B, to two decimals. Model Garden's 49XS at 256 has
-# 165,764,892 MACs, which rounds to 0.17B but is 2.5% below it, hence the 3%
-# MACs tolerance (the 2% one in issue 6 holds for 49 and 49S).
+# The SpineNet-Mobile paper (Du et al., arXiv:2010.11426) gives 2.338M /
+# 0.98B, 1.031M / 0.50B and 0.873M / 0.17B, to two decimals. Model Garden's
+# 49XS at 256 has 165,764,892 MACs, which rounds to 0.17B but is 2.5% below
+# it, hence the 3% MACs tolerance (2% holds for 49 and 49S).
 @pytest.mark.parametrize('model_id,size,params,backbone,macs,published', [
     ('49_mobile', 384, 2_337_579, 2_268_708, 980_858_928, (2.338e6, 0.98e9)),
     ('49S_mobile', 384, 1_030_653, 975_678, 495_890_184, (1.031e6, 0.50e9)),

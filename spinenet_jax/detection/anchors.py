@@ -5,14 +5,17 @@ column x, then anchor index `a = scale * len(aspect_ratios) + ratio`. This is
 the order of the head's `[B, H_l, W_l, A * K]` outputs reshaped to
 `[B, H_l * W_l * A, K]` and concatenated over levels.
 """
-from typing import Sequence, Tuple, Union
+
+from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
-ImageSize = Union[int, Sequence[int]]
+ImageSize = int | Sequence[int]
 
 
-def image_hw(image_size: ImageSize) -> Tuple[int, int]:
+def image_hw(image_size: ImageSize) -> tuple[int, int]:
   """Returns `(height, width)` from an int or a `(height, width)` pair."""
   if isinstance(image_size, (int, np.integer)):
     return int(image_size), int(image_size)
@@ -24,7 +27,7 @@ def image_hw(image_size: ImageSize) -> Tuple[int, int]:
 
 
 def feature_sizes(image_size: ImageSize, min_level: int = 3,
-                  max_level: int = 7) -> dict[int, Tuple[int, int]]:
+                  max_level: int = 7) -> dict[int, tuple[int, int]]:
   """`{level: (H_l, W_l)}` of the feature maps for an input size."""
   h, w = image_hw(image_size)
   if min_level < 1 or max_level < min_level:
@@ -36,13 +39,6 @@ def feature_sizes(image_size: ImageSize, min_level: int = 3,
         f'image size {(h, w)} must be positive and divisible by '
         f'2**max_level = {stride}; pad the images to a multiple of {stride}')
   return {l: (h // 2**l, w // 2**l) for l in range(min_level, max_level + 1)}
-
-
-def num_anchors_per_location(num_scales: int = 3,
-                             aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
-                             ) -> int:
-  """`A = num_scales * len(aspect_ratios)`."""
-  return num_scales * len(aspect_ratios)
 
 
 def level_anchors(level: int, image_size: ImageSize, num_scales: int = 3,

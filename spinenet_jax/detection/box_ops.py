@@ -4,8 +4,11 @@ Box coding follows Model Garden's `FasterRcnnBoxCoder` with no scale factors:
 `dy = (yc - yc_a) / h_a`, `dx = (xc - xc_a) / w_a`, `dh = log(h / h_a)`,
 `dw = log(w / w_a)`.
 """
+
+from __future__ import annotations
+
 import math
-from typing import Sequence, Union
+from typing import Sequence
 
 import jax.numpy as jnp
 
@@ -39,7 +42,7 @@ def iou(boxes1: Array, boxes2: Array) -> Array:
                    0.0)
 
 
-def _centers_sizes(boxes: Array):
+def _centers_sizes(boxes: Array) -> tuple[Array, Array, Array, Array]:
   h = boxes[..., 2] - boxes[..., 0]
   w = boxes[..., 3] - boxes[..., 1]
   return boxes[..., 0] + 0.5 * h, boxes[..., 1] + 0.5 * w, h, w
@@ -71,7 +74,7 @@ def decode(deltas: Array, anchors: Array) -> Array:
   return jnp.stack([ymin, xmin, ymin + h, xmin + w], axis=-1)
 
 
-def clip(boxes: Array, image_size: Union[int, Sequence[int], Array]) -> Array:
+def clip(boxes: Array, image_size: int | Sequence[int] | Array) -> Array:
   """Clips yxyx boxes to `[0, height] x [0, width]`.
 
   `image_size` is an int, `(height, width)`, or an array broadcastable to

@@ -5,48 +5,29 @@ taken over the whole (global) batch. Inside `jax.jit` with the batch sharded
 over devices, `jnp.sum` over the batch axis already is the global sum, so no
 collective is written here. Losses are computed in float32.
 """
-from typing import Any, Mapping, Optional
+
+from __future__ import annotations
+
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from spinenet_jax.detection import sharding_utils
+from spinenet_jax.detection import outputs as outputs_lib
 
 Array = jnp.ndarray
 
 
 def flatten_outputs(outputs: Mapping[str, Mapping[Any, Array]],
-                    num_classes: Optional[int] = None) -> tuple[Array, Array]:
-  """Flattens the head's per-level outputs into anchor order.
+                    num_classes: int | None = None) -> tuple[Array, Array]:
+  """The head's outputs as `cls [B, N, num_classes]` and `box [B, N, 4]`.
 
-  Args:
-    outputs: `{'cls_outputs': {level: [B, H, W, A * num_classes]},
-      'box_outputs': {level: [B, H, W, A * 4]}}`, levels as int keys.
-    num_classes: classes per anchor; inferred from the channels if None.
-
-  Returns:
-    `cls [B, N, num_classes]` and `box [B, N, 4]`, levels in increasing order.
+  `outputs` is `{'cls_outputs': {level: [B, H, W, A * num_classes]},
+  'box_outputs': {level: [B, H, W, A * 4]}}`; rows are in anchor order
+  (`outputs.flatten_levels`), levels concatenated in increasing order.
   """
-  cls_out, box_out = outputs['cls_outputs'], outputs['box_outputs']
-  levels = sorted(cls_out, key=int)
-  if sorted(box_out, key=int) != levels:
-    raise ValueError(f'cls_outputs levels {levels} differ from box_outputs '
-                     f'levels {sorted(box_out, key=int)}')
-  num_anchors = box_out[levels[0]].shape[-1] // 4
-  if num_classes is None:
-    num_classes = cls_out[levels[0]].shape[-1] // num_anchors
-  cls, box = [], []
-  for level in levels:
-    c, b = cls_out[level], box_out[level]
-    if c.shape[-1] != num_anchors * num_classes or b.shape[-1] % 4:
-      raise ValueError(
-          f'level {level}: cls channels {c.shape[-1]} != A * num_classes = '
-          f'{num_anchors} * {num_classes}, or box channels {b.shape[-1]} not '
-          f'a multiple of 4')
-    cls.append(sharding_utils.reshape_keep_batch(
-        c, (c.shape[0], c.size // c.shape[0] // num_classes, num_classes)))
-    box.append(sharding_utils.reshape_keep_batch(
-        b, (b.shape[0], b.size // b.shape[0] // 4, 4)))
+  cls, box = outputs_lib.flatten_levels(
+      outputs['cls_outputs'], outputs['box_outputs'], num_classes)
   return jnp.concatenate(cls, axis=1), jnp.concatenate(box, axis=1)
 
 

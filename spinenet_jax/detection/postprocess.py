@@ -31,20 +31,25 @@ Images are processed with `vmap`, or (the CPU default) one after another
 within each device's shard of the batch, which avoids batch-sized
 temporaries of the `[B, N, C]` logits and lock-step NMS loops.
 """
+
+from __future__ import annotations
+
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spinenet_jax import sharding_utils
 from spinenet_jax.detection import box_ops
-from spinenet_jax.detection import sharding_utils
+from spinenet_jax.detection import outputs as outputs_lib
 
 Array = jnp.ndarray
 
 
-def _pairwise_suppression(boxes1, classes1, boxes2, classes2, iou_threshold):
+def _pairwise_suppression(boxes1: Array, classes1: Array, boxes2: Array,
+                          classes2: Array, iou_threshold: float) -> Array:
   """`[N, M]` bool: box i of set 1 and box j of set 2 suppress each other."""
   same = classes1[:, None] == classes2[None, :]
   return same & (box_ops.iou(boxes1, boxes2) > iou_threshold)
@@ -134,8 +139,11 @@ def _gather_levels(levels: Sequence[Array], idx: Array) -> Array:
   return out
 
 
-def _detect_one(cls_levels, box_levels, image_hw, anchor_levels, pre_nms_top_k,
-                score_threshold, iou_threshold, max_detections, tile_size):
+def _detect_one(cls_levels: list[Array], box_levels: list[Array],
+                image_hw: Array, anchor_levels: list[Array],
+                pre_nms_top_k: int, score_threshold: float,
+                iou_threshold: float, max_detections: int,
+                tile_size: int) -> dict[str, Array]:
   """`detect` for one image given per-level `[N_l, C]` and `[N_l, 4]` arrays."""
   cls_levels = [c.astype(jnp.float32) for c in cls_levels]
   num_classes = cls_levels[0].shape[1]
@@ -167,37 +175,21 @@ def _detect_one(cls_levels, box_levels, image_hw, anchor_levels, pre_nms_top_k,
   }
 
 
-def _split_levels(cls_outputs, box_outputs) -> tuple[list[Array], list[Array]]:
+def _split_levels(cls_outputs: Array | Mapping[Any, Array],
+                  box_outputs: Array | Mapping[Any, Array]
+                  ) -> tuple[list[Array], list[Array]]:
   """Per-level `[B, N_l, C]` logits and `[B, N_l, 4]` deltas, anchor order."""
-  if not isinstance(cls_outputs, Mapping):
-    cls_outputs, box_outputs = jnp.asarray(cls_outputs), jnp.asarray(
-        box_outputs)
-    if (cls_outputs.ndim != 3 or
-        box_outputs.shape != cls_outputs.shape[:2] + (4,)):
-      raise ValueError(f'need cls_outputs [B, N, C] and box_outputs [B, N, 4];'
-                       f' got {cls_outputs.shape} and {box_outputs.shape}')
-    return [cls_outputs], [box_outputs]
-  levels = sorted(cls_outputs, key=int)
-  if sorted(box_outputs, key=int) != levels:
-    raise ValueError(f'cls_outputs levels {levels} differ from box_outputs '
-                     f'levels {sorted(box_outputs, key=int)}')
-  num_anchors = box_outputs[levels[0]].shape[-1] // 4
-  num_classes = cls_outputs[levels[0]].shape[-1] // max(num_anchors, 1)
-  cls, box = [], []
-  for level in levels:
-    c, b = cls_outputs[level], box_outputs[level]
-    n = math.prod(b.shape[1:-1]) * num_anchors
-    if (c.shape[-1] != num_anchors * num_classes or
-        b.shape[-1] != num_anchors * 4 or c.shape[:-1] != b.shape[:-1]):
-      raise ValueError(f'level {level}: cls {c.shape} and box {b.shape} do not '
-                       f'fit {num_anchors} anchors x {num_classes} classes')
-    cls.append(sharding_utils.reshape_keep_batch(c, (c.shape[0], n,
-                                                     num_classes)))
-    box.append(sharding_utils.reshape_keep_batch(b, (b.shape[0], n, 4)))
-  return cls, box
+  if isinstance(cls_outputs, Mapping):
+    return outputs_lib.flatten_levels(cls_outputs, box_outputs)
+  cls_outputs, box_outputs = jnp.asarray(cls_outputs), jnp.asarray(box_outputs)
+  if (cls_outputs.ndim != 3 or
+      box_outputs.shape != cls_outputs.shape[:2] + (4,)):
+    raise ValueError(f'need cls_outputs [B, N, C] and box_outputs [B, N, 4];'
+                     f' got {cls_outputs.shape} and {box_outputs.shape}')
+  return [cls_outputs], [box_outputs]
 
 
-def _map_images(fn, args):
+def _map_images(fn: Callable[..., Any], args: Any) -> Any:
   """`lax.map` of `fn` over the leading axis of `args`, within each shard.
 
   The batch is split into `[n, B / n]`, vmapped over the first axis and
@@ -217,14 +209,14 @@ def _map_images(fn, args):
   return jax.tree.map(sharding_utils.merge_batch, out)
 
 
-def detect(cls_outputs: Union[Array, Mapping[Any, Array]],
-           box_outputs: Union[Array, Mapping[Any, Array]],
-           anchors: Union[Array, np.ndarray],
-           image_size: Union[int, Sequence[int], Array],
+def detect(cls_outputs: Array | Mapping[Any, Array],
+           box_outputs: Array | Mapping[Any, Array],
+           anchors: Array | np.ndarray,
+           image_size: int | Sequence[int] | Array,
            pre_nms_top_k: int = 5000, score_threshold: float = 0.05,
            iou_threshold: float = 0.5, max_detections: int = 100,
            tile_size: int = 256,
-           vectorize: Optional[bool] = None) -> dict[str, Array]:
+           vectorize: bool | None = None) -> dict[str, Array]:
   """Turns RetinaNet outputs into at most `max_detections` boxes per image.
 
   Args:

@@ -23,19 +23,20 @@ the box has positive height and width. Everything else (padding with class -1,
 crowd boxes, degenerate boxes) is ignored, as if absent: Model Garden drops
 crowd boxes from training data, so anchors on a crowd region are negatives.
 """
-from typing import Optional
+
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from spinenet_jax import sharding_utils
 from spinenet_jax.detection import box_ops
-from spinenet_jax.detection import sharding_utils
 
 Array = jnp.ndarray
 
 
 def assign(anchors: Array, gt_boxes: Array, gt_classes: Array,
-           is_crowd: Optional[Array] = None, match_threshold: float = 0.5,
+           is_crowd: Array | None = None, match_threshold: float = 0.5,
            unmatched_threshold: float = 0.5) -> dict[str, Array]:
   """Labels `[N, 4]` anchors with one image's padded ground truth.
 
@@ -98,7 +99,7 @@ def assign(anchors: Array, gt_boxes: Array, gt_classes: Array,
 
 
 def assign_batch(anchors: Array, gt_boxes: Array, gt_classes: Array,
-                 is_crowd: Optional[Array] = None,
+                 is_crowd: Array | None = None,
                  match_threshold: float = 0.5,
                  unmatched_threshold: float = 0.5) -> dict[str, Array]:
   """`assign` vectorised over a batch: `gt_boxes [B, M, 4]`, `gt_classes [B, M]`.

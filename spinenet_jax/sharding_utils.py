@@ -3,14 +3,19 @@
 `jax.make_mesh` creates `Explicit` axes by default: reshapes of sharded
 arrays need an output sharding, and `vmap` needs every mapped input sharded
 the same way along the batch axis. Outside such a mesh these are no-ops.
+`sharding.py` builds the meshes and shardings; these helpers keep an array's
+batch sharding through reshapes inside jitted code.
 """
+
+from __future__ import annotations
+
 import math
 
 import jax
 from jax.sharding import PartitionSpec as P
 
 
-def batch_axis(x: jax.Array):
+def batch_axis(x: jax.Array) -> str | tuple[str, ...] | None:
   """Mesh axis (or None) that the leading axis of `x` is explicitly sharded on."""
   spec = getattr(jax.typeof(x).sharding, 'spec', ())
   return spec[0] if len(spec) else None
