@@ -17,6 +17,7 @@ import pytest
 
 import spinenet_jax as snj
 from spinenet_jax import convert_model_garden as cmg
+from tests import model_garden_fakes as fakes
 
 SMALL = dict(filter_size_scale=0.25, endpoints_num_filters=16,
              head_num_filters=8, head_num_convs=2)
@@ -45,7 +46,7 @@ def _equal(a, b):
 def test_round_trip_arrays(model_id, kw):
   model = snj.RetinaNet(model_id=model_id, num_classes=3, **kw)
   v = _variables(model)
-  arrays, names = cmg.model_garden_layout(model, v, order_seed=3)
+  arrays, names = fakes.model_garden_layout(model, v, order_seed=3)
   # Model Garden's dead level-2 block carries no weights; so do we.
   if not model.is_mobile:
     assert not any(p.startswith(('block17_', 'resample17_'))
@@ -57,9 +58,9 @@ def test_round_trip_arrays(model_id, kw):
 def test_convert_writes_a_run_load_checkpoint_opens(tmp_path):
   model = snj.RetinaNet(model_id='49', num_classes=3, **SMALL)
   v = _variables(model)
-  arrays, names = cmg.model_garden_layout(model, v, order_seed=5)
-  prefix = cmg.write_tf_checkpoint(str(tmp_path / 'tf' / 'ckpt-1'), arrays,
-                                   names)
+  arrays, names = fakes.model_garden_layout(model, v, order_seed=5)
+  prefix = fakes.write_tf_checkpoint(str(tmp_path / 'tf' / 'ckpt-1'), arrays,
+                                     names)
   out = tmp_path / 'run'
   rc = cmg.main([f'--checkpoint={prefix}', '--model=49', '--task=retinanet',
                  f'--output={out}', '--image_size=128'])
@@ -80,7 +81,7 @@ def test_convert_writes_a_run_load_checkpoint_opens(tmp_path):
 def test_backbone_only(tmp_path):
   model = snj.RetinaNet(model_id='49', num_classes=5, **SMALL)
   v = _variables(model)
-  arrays, names = cmg.model_garden_layout(model, v, root='backbone/')
+  arrays, names = fakes.model_garden_layout(model, v, root='backbone/')
   arrays = {k: a for k, a in arrays.items() if k.startswith('backbone/')}
   with pytest.raises(cmg.ConversionError, match='no RetinaNet head'):
     cmg.convert_arrays(arrays, names, model, 'retinanet')
@@ -93,7 +94,7 @@ def test_backbone_only(tmp_path):
 def test_errors_name_every_problem():
   model = snj.RetinaNet(model_id='49', num_classes=3, **SMALL)
   v = _variables(model)
-  arrays, names = cmg.model_garden_layout(model, v)
+  arrays, names = fakes.model_garden_layout(model, v)
   key_missing = next(k for k in arrays if '_box_convs/1/kernel' in k)
   key_shape = next(k for k in arrays if '_classifier/kernel' in k)
   arrays.pop(key_missing)
@@ -108,7 +109,7 @@ def test_errors_name_every_problem():
   # A different width: every mismatching backbone layer is named.
   other = snj.RetinaNet(model_id='49', num_classes=3,
                         **dict(SMALL, filter_size_scale=0.5))
-  arrays, names = cmg.model_garden_layout(model, v)
+  arrays, names = fakes.model_garden_layout(model, v)
   with pytest.raises(cmg.ConversionError, match='wrong shape: .*backbone'):
     cmg.convert_arrays(arrays, names, other, 'retinanet')
   # A different depth (96 has block repeats 2): layer counts differ.
@@ -238,14 +239,14 @@ def test_parity_macs_with_model_garden(model_id, size):
 
   This pins the published-size tables to the model itself: Model Garden's
   Mobile-49XS RetinaNet at 256 has 165,764,892 conv multiply-adds, as ours
-  does (the reference's "0.17B" is that figure rounded). 49S is compared
-  with Model Garden's 128-channel endpoints.
+  does (0.17B to two decimals). 49S is compared with Model Garden's
+  128-channel endpoints.
   """
   pytest.importorskip('official')
   from spinenet_jax import specs, summary  # pylint: disable=g-import-not-at-top
 
   backbone, head = _mg_backbone_and_head(model_id, size)
-  # MG's 49S has 128-channel endpoints; ours defaults to 256 (DESIGN.md).
+  # MG's 49S has 128-channel endpoints; ours defaults to 256.
   width = backbone.output_specs['3'].as_list()[-1]
   want = _mg_graph_macs(
       lambda x: head(backbone(x, training=False), training=False),
