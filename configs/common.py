@@ -3,20 +3,56 @@
 import ml_collections
 from ml_collections import config_dict
 
-from input_pipeline import common as data_common
-
-# Types of the data fields that default to None, so that they can still be
-# set from the command line (--config.data.data_dir=...).
-_NONE_TYPES = {'data_dir': str, 'num_train_examples': int,
-               'num_eval_examples': int, 'shapes_image_size': int}
+# TFDS names of the classification datasets the defaults know (any other
+# name gets the detection defaults).
+CLASSIFICATION_DATASETS = ('imagenet2012', 'imagenette', 'imagenet_v2',
+                           'cifar10', 'cifar100', 'mnist', 'oxford_flowers102')
 
 
-def data_config(dataset: str) -> ml_collections.ConfigDict:
-  data = data_common.default_data_config(dataset)
-  for key, value in data.items():
-    if value is None:
-      data[key] = config_dict.placeholder(_NONE_TYPES.get(key, object))
-  return data
+def is_shapes(name: str) -> bool:
+  """True for the built-in synthetic datasets ('shapes/detection', ...)."""
+  return name == 'shapes' or name.startswith('shapes/')
+
+
+def is_classification_dataset(name: str) -> bool:
+  return (name == 'shapes/classification' or
+          name.split('/')[0] in CLASSIFICATION_DATASETS)
+
+
+def data_config(name: str = 'shapes/detection') -> ml_collections.ConfigDict:
+  """`config.data` with the defaults for dataset `name` (a TFDS name).
+
+  Known names get tuned defaults ('shapes/detection', 'shapes/classification',
+  'coco/2017', 'imagenet2012'); any other TFDS name gets generic ones. None
+  means unset (typed, so that it can be set from the command line).
+  """
+  detection = not is_classification_dataset(name)
+  cfg = ml_collections.ConfigDict(dict(
+      name=name,
+      data_dir=config_dict.placeholder(str),  # None: ~/tensorflow_datasets.
+      train_split='train',
+      eval_split='validation',
+      image_size=640 if detection else 224,
+      aug_scale_min=0.1,  # Detection scale jitter (Model Garden default).
+      aug_scale_max=2.0,
+      max_instances=100,
+      skip_crowd_during_training=True,
+      label_offset=0,  # Classification: label = TFDS label + label_offset.
+      shuffle_buffer=10_000,
+      num_parallel_calls=-1,  # -1: tf.data.AUTOTUNE.
+      prefetch=2,  # Batches prefetched by tf.data.
+      # shapes/* only: dataset size and generated image size; None means the
+      # registered default (4000 / 500 examples, 256 px).
+      num_train_examples=config_dict.placeholder(int),
+      num_eval_examples=config_dict.placeholder(int),
+      shapes_image_size=config_dict.placeholder(int),
+  ))
+  if is_shapes(name):
+    cfg.image_size = 256 if detection else 224
+    cfg.shuffle_buffer = 4000
+  if name.startswith('imagenet'):
+    cfg.shuffle_buffer = 16_384
+  return cfg
 
 
 def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
@@ -36,20 +72,31 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       stem_filters=config_dict.placeholder(int)))  # None: 64 (not mobile)
   c.data = data_config(dataset)
   c.batch_size = 256  # global
-  c.total_steps = 0  # 0: from num_epochs
-  c.num_epochs = 0
+  # Durations: `*_steps`, or `*_epochs` converted at run time with the batch
+  # size and the training split's size (`*_steps` wins when both are set).
+  # None means unset; a cadence of 0 or None means never (but always at the
+  # end of training and on SIGTERM).
+  c.total_steps = config_dict.placeholder(int)
+  c.num_epochs = config_dict.placeholder(float)
   c.log_every_steps = 100
-  c.eval_every_steps = 0  # 0: only at the end
-  c.eval_batch_size = 0  # 0: batch_size
-  c.checkpoint_every_steps = 1000
+  c.eval_every_steps = config_dict.placeholder(int)
+  c.eval_every_epochs = config_dict.placeholder(float)
+  c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+  c.checkpoint_every_steps = config_dict.placeholder(int)
+  c.checkpoint_every_epochs = config_dict.placeholder(float)
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sgd',  # 'sgd' (with momentum) or 'adamw'
       base_learning_rate=0.32,  # peak = base * batch_size / 256
-      momentum=0.9, schedule='step', warmup_steps=2000,
+      schedule='step',  # 'step' or 'cosine'
+      warmup_steps=config_dict.placeholder(int),  # None: no warmup
       warmup_learning_rate=0.0067, decay_at=(), decay_factor=0.1,
-      weight_decay=4e-5, grad_clip_norm=0.0, ema_decay=0.0))
+      weight_decay=4e-5,  # conv kernels only
+      grad_clip_norm=config_dict.placeholder(float),  # None: no clipping
+      ema_decay=config_dict.placeholder(float),  # None: no EMA of weights
+      momentum=0.9, nesterov=False,  # sgd
+      b1=0.9, b2=0.999, eps=1e-8))  # adamw
   c.loss = ml_collections.ConfigDict()
   c.eval = ml_collections.ConfigDict()
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
@@ -75,7 +122,14 @@ def detection_config(dataset: str = 'coco/2017') -> ml_collections.ConfigDict:
 
 
 def coco_recipe(model_id: str, image_size: int) -> ml_collections.ConfigDict:
-  """Model Garden's SpineNet RetinaNet COCO recipe (reference section 8.2)."""
+  """Model Garden's SpineNet RetinaNet COCO recipe.
+
+  `official/vision/configs/experiments/retinanet/coco_spinenet49_tpu.yaml`
+  and its siblings: batch 256, 500 epochs, lr 0.32 x batch / 256 with 2000
+  warmup steps from 0.0067 and x0.1 decays at epochs 475 and 490, weight
+  decay 4e-5, scale jitter 0.1..2.0, stochastic depth 0.2, swish, bfloat16.
+  Evaluation every 25 epochs and a checkpoint every 5, at any batch size.
+  """
   c = detection_config('coco/2017')
   c.model.model_id = model_id
   c.model.stochastic_depth_rate = 0.2
@@ -87,8 +141,9 @@ def coco_recipe(model_id: str, image_size: int) -> ml_collections.ConfigDict:
   c.batch_size = 256
   c.num_epochs = 500
   c.optimizer.decay_at = (475 / 500, 490 / 500)
-  c.eval_every_steps = 462 * 25
-  c.checkpoint_every_steps = 462 * 5
+  c.optimizer.warmup_steps = 2000
+  c.eval_every_epochs = 25
+  c.checkpoint_every_epochs = 5
   return c
 
 

@@ -49,7 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 10.0
   c.log_every_steps = 100
-  c.eval_every_steps = 0
-  c.checkpoint_every_steps = 500
+  c.checkpoint_every_steps = 500  # Evaluation only at the end.
   c.eval.pre_nms_top_k = 1000
   return c

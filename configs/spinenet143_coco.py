@@ -1,4 +1,4 @@
-"""SpineNet-143 RetinaNet on COCO: Model Garden's recipe (reference 8.2).
+"""SpineNet-143 RetinaNet on COCO: Model Garden's recipe.
 
 Batch 256, lr 0.32 x batch/256, 500 epochs with x0.1 decays at epochs 475 and
 490, 2000 warmup steps from 0.0067, weight decay 4e-5, scale jitter 0.1..2.0,

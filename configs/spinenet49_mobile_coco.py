@@ -1,4 +1,4 @@
-"""SpineNet-Mobile-49 RetinaNet on COCO: Model Garden's recipe (reference 8.2).
+"""SpineNet-Mobile-49 RetinaNet on COCO: Model Garden's recipe.
 
 `coco_spinenet49_mobile_tpu.yaml`: batch 256, lr 0.32 x batch/256, 600 epochs
 with x0.1 decays at epochs 570 and 590 (steps 263340 and 272580 of 277200),

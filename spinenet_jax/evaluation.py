@@ -4,9 +4,11 @@ COCO evaluation collects per-image numpy records on each process, gathers
 them to every process (`gather_records`; a no-op with one process) and runs
 the reference `pycocotools` evaluator on the union.
 """
+from __future__ import annotations
+
 import contextlib
 import io
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +47,7 @@ def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray,
 
 
 def topk_accuracy(logits: jnp.ndarray, labels: jnp.ndarray, k: int = 1,
-                  mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                  mask: jnp.ndarray | None = None) -> jnp.ndarray:
   """Fraction of (unmasked) examples whose label is in the top `k` logits.
 
   `mask` is `[B]`, true (or 1) for real examples; padding is excluded. Returns
@@ -71,7 +73,7 @@ def _pad_to(x: np.ndarray, shape: Sequence[int], value) -> np.ndarray:
 
 
 def gather_records(records: Mapping[str, np.ndarray],
-                   gather_fn: Optional[Callable[[Any], Any]] = None
+                   gather_fn: Callable[[Any], Any] | None = None
                    ) -> dict[str, np.ndarray]:
   """Concatenates every process's records (leading axis = images).
 
@@ -129,7 +131,7 @@ class CocoEvaluator:
     from `groundtruth['mask']` when not given).
   """
 
-  def __init__(self, category_ids: Optional[Sequence[int]] = None,
+  def __init__(self, category_ids: Sequence[int] | None = None,
                verbose: bool = False):
     """`category_ids`: categories to evaluate (default: those in the GT)."""
     self.category_ids = None if category_ids is None else [
@@ -141,7 +143,7 @@ class CocoEvaluator:
     self._chunks: list[dict[str, np.ndarray]] = []
 
   def add(self, predictions: Mapping[str, Any], groundtruth: Mapping[str, Any],
-          mask: Optional[Any] = None) -> None:
+          mask: Any | None = None) -> None:
     """Adds one (process-local) batch; see the class docstring."""
     image_id = np.asarray(groundtruth['image_id']).reshape(-1).astype(np.int64)
     b = image_id.shape[0]
@@ -187,7 +189,7 @@ class CocoEvaluator:
                               _PAD_VALUES.get(k, 0))
             for k in self._chunks[0]}
 
-  def result(self, gather_fn: Optional[Callable[[Any], Any]] = None
+  def result(self, gather_fn: Callable[[Any], Any] | None = None
              ) -> dict[str, float]:
     """Gathers all processes' records and returns the COCO box metrics.
 
@@ -201,7 +203,7 @@ class CocoEvaluator:
 
 
 def _coco_datasets(records: Mapping[str, np.ndarray],
-                   category_ids: Optional[Sequence[int]]):
+                   category_ids: Sequence[int] | None):
   """pycocotools GT dataset dict and `[K, 7]` detection array."""
   image_ids = records['image_id']
   uniq, counts = np.unique(image_ids, return_counts=True)
@@ -245,7 +247,7 @@ def _coco_datasets(records: Mapping[str, np.ndarray],
 
 
 def evaluate_records(records: Mapping[str, np.ndarray],
-                     category_ids: Optional[Sequence[int]] = None,
+                     category_ids: Sequence[int] | None = None,
                      verbose: bool = False) -> dict[str, float]:
   """Runs pycocotools' box evaluation on gathered records."""
   from pycocotools import coco as coco_lib  # pylint: disable=g-import-not-at-top
@@ -271,8 +273,8 @@ def evaluate_records(records: Mapping[str, np.ndarray],
 
 
 def coco_eval(predictions: Mapping[str, Any], groundtruth: Mapping[str, Any],
-              mask: Optional[Any] = None,
-              category_ids: Optional[Sequence[int]] = None,
+              mask: Any | None = None,
+              category_ids: Sequence[int] | None = None,
               verbose: bool = False) -> dict[str, float]:
   """One-call COCO box metrics for arrays with a leading image axis.
 
@@ -282,3 +284,17 @@ def coco_eval(predictions: Mapping[str, Any], groundtruth: Mapping[str, Any],
   evaluator = CocoEvaluator(category_ids, verbose)
   evaluator.add(predictions, groundtruth, mask)
   return evaluator.result()
+
+
+COCO_TABLE = (
+    ('AP', 'AP @[IoU=0.50:0.95]'), ('AP50', 'AP @[IoU=0.50]'),
+    ('AP75', 'AP @[IoU=0.75]'), ('APs', 'AP small'), ('APm', 'AP medium'),
+    ('APl', 'AP large'), ('ARmax1', 'AR max=1'), ('ARmax10', 'AR max=10'),
+    ('ARmax100', 'AR max=100'), ('ARs', 'AR small'), ('ARm', 'AR medium'),
+    ('ARl', 'AR large'))
+
+
+def format_coco(metrics: Mapping[str, float]) -> str:
+  """The COCO AP table (the keys of `CocoEvaluator.result`) as text."""
+  return '\n'.join(f'  {label:<22} {metrics[k]:.3f}' for k, label in COCO_TABLE
+                   if k in metrics)

@@ -30,48 +30,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from input_pipeline import contract
 from spinenet_jax import checkpoints
 from spinenet_jax import models
-
-# input_pipeline/common.py (not imported here: it pulls in TensorFlow).
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
-CENTER_CROP_FRACTION = 0.875
-
-# Model Garden's 91-slot COCO ids (0 = background) -> names.
-COCO_LABEL_MAP = {
-    1: 'person', 2: 'bicycle', 3: 'car', 4: 'motorcycle', 5: 'airplane',
-    6: 'bus', 7: 'train', 8: 'truck', 9: 'boat', 10: 'traffic light',
-    11: 'fire hydrant', 13: 'stop sign', 14: 'parking meter', 15: 'bench',
-    16: 'bird', 17: 'cat', 18: 'dog', 19: 'horse', 20: 'sheep', 21: 'cow',
-    22: 'elephant', 23: 'bear', 24: 'zebra', 25: 'giraffe', 27: 'backpack',
-    28: 'umbrella', 31: 'handbag', 32: 'tie', 33: 'suitcase', 34: 'frisbee',
-    35: 'skis', 36: 'snowboard', 37: 'sports ball', 38: 'kite',
-    39: 'baseball bat', 40: 'baseball glove', 41: 'skateboard',
-    42: 'surfboard', 43: 'tennis racket', 44: 'bottle', 46: 'wine glass',
-    47: 'cup', 48: 'fork', 49: 'knife', 50: 'spoon', 51: 'bowl',
-    52: 'banana', 53: 'apple', 54: 'sandwich', 55: 'orange', 56: 'broccoli',
-    57: 'carrot', 58: 'hot dog', 59: 'pizza', 60: 'donut', 61: 'cake',
-    62: 'chair', 63: 'couch', 64: 'potted plant', 65: 'bed',
-    67: 'dining table', 70: 'toilet', 72: 'tv', 73: 'laptop', 74: 'mouse',
-    75: 'remote', 76: 'keyboard', 77: 'cell phone', 78: 'microwave',
-    79: 'oven', 80: 'toaster', 81: 'sink', 82: 'refrigerator', 84: 'book',
-    85: 'clock', 86: 'vase', 87: 'scissors', 88: 'teddy bear',
-    89: 'hair drier', 90: 'toothbrush',
-}
-SHAPES_CLASS_NAMES = ('circle', 'square', 'triangle')  # = input_pipeline.shapes
-
+from spinenet_jax.detection import postprocess
 
 def label_map(config: ml_collections.ConfigDict) -> dict[int, str]:
   """Class id -> name for the run's dataset ('class N' for unknown ids)."""
-  name = config.data.get('name', '')
-  detection = config.get('task', 'retinanet') == 'retinanet'
-  if name.startswith('shapes'):
-    offset = 1 if detection else config.data.get('label_offset', 0)
-    return {i + offset: n for i, n in enumerate(SHAPES_CLASS_NAMES)}
-  if name.startswith('coco') and detection:
-    return dict(COCO_LABEL_MAP)
-  return {}
+  return contract.label_map(config.data.name, config.task == 'retinanet',
+                            config.data.label_offset)
 
 
 def class_name(labels: dict[int, str], class_id: int) -> str:
@@ -181,7 +148,8 @@ def _as_list(images) -> list[np.ndarray]:
 
 def _normalize(image: jax.Array) -> jax.Array:
   image = image.astype(jnp.float32) / 255.0
-  return (image - jnp.array(MEAN_RGB)) / jnp.array(STDDEV_RGB)
+  return (image - jnp.array(contract.MEAN_RGB)) / jnp.array(
+      contract.STDDEV_RGB)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -201,7 +169,7 @@ def _resize_and_pad(image, new_hw, size):
 def _center_crop_resize(image, size):
   """The classification eval pipeline: central crop, bilinear resize."""
   h, w = image.shape[:2]
-  crop = max(int(CENTER_CROP_FRACTION * min(h, w)), 1)
+  crop = max(int(contract.CENTER_CROP_FRACTION * min(h, w)), 1)
   oy, ox = (h - crop + 1) // 2, (w - crop + 1) // 2
   image = image[oy:oy + crop, ox:ox + crop].astype(jnp.float32)
   image = jax.image.resize(image, (size, size, 3), 'bilinear', antialias=False)
@@ -324,16 +292,12 @@ class Run:
     """
     if not self.is_detection:
       raise ValueError('detect() needs a detection (retinanet) run; this one '
-                       f'is {self.config.get("task")!r}: use classify().')
-    from spinenet_jax.detection import postprocess
-    from spinenet_jax.train_lib import make_anchors
-    ec = self.config.get('eval', {})
-    thr = ec.get('score_threshold', 0.05) if score_threshold is None \
-        else score_threshold
-    max_det = ec.get('max_detections', 100) if max_detections is None \
-        else max_detections
+                       f'is {self.config.task!r}: use classify().')
+    ec = self.config.eval
+    thr = ec.score_threshold if score_threshold is None else score_threshold
+    max_det = ec.max_detections if max_detections is None else max_detections
     batch, scales, sizes = detection_inputs(images, self.image_size)
-    anchors = make_anchors(self.model, self.image_size)
+    anchors = self.model.anchors(self.image_size)
     model = self.model
 
     def fn(variables, arrays):
@@ -341,9 +305,8 @@ class Run:
       out = model.apply(variables, image, train=False)
       return postprocess.detect(
           out['cls_outputs'], out['box_outputs'], anchors, window,
-          pre_nms_top_k=ec.get('pre_nms_top_k', 5000),
-          score_threshold=thr, iou_threshold=ec.get('iou_threshold', 0.5),
-          max_detections=max_det)
+          pre_nms_top_k=ec.pre_nms_top_k, score_threshold=thr,
+          iou_threshold=ec.iou_threshold, max_detections=max_det)
 
     window = np.round(sizes * scales[:, None]).astype(np.float32)
     det = self._run(f'detect_{thr}_{max_det}', fn, batch, window)

@@ -16,12 +16,12 @@ def create_mesh(mesh_config: Any = None,
                 ) -> jax.sharding.Mesh:
   """A ('data', 'model') mesh over `devices` (default: all devices).
 
-  `mesh_config.data` may be -1 (all devices not used by `model`);
-  `mesh_config.model` (default 1) partitions large images spatially.
+  `mesh_config` is `config.mesh` (None: all devices on 'data'): `data` may
+  be -1 (all devices not used by `model`); `model` (1) partitions large
+  images spatially.
   """
-  mesh_config = mesh_config or {}
-  model = int(mesh_config.get('model', 1) or 1)
-  data = int(mesh_config.get('data', -1) or -1)
+  data, model = ((-1, 1) if mesh_config is None
+                 else (int(mesh_config.data), int(mesh_config.model)))
   n = jax.device_count() if devices is None else len(devices)
   if data == -1:
     if n % model:

@@ -38,7 +38,9 @@ import pytest
 
 from spinenet_jax import checkpoints
 from spinenet_jax import models
+from spinenet_jax import optim
 from spinenet_jax import sharding
+from spinenet_jax import tasks
 from spinenet_jax import train_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,12 +247,12 @@ def compile_cache(request, tmp_path_factory):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory) -> str:
   """The tiny shapes datasets, built once (and before any subprocess)."""
-  import input_pipeline  # pylint: disable=g-import-not-at-top
+  from input_pipeline import common as data_common  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp('tfds'))
   for name, overrides in (('demo', TINY_DEMO),
                           ('shapes_classification', TINY_CLASSIFICATION)):
     config = load_config(name, {**overrides, 'data.data_dir': path})
-    input_pipeline.get_builder(config.data)
+    data_common.get_builder(config.data)
   return path
 
 
@@ -320,7 +322,7 @@ def test_optimizer_decays_only_conv_kernels(name):
   """With a zero gradient, only the 4-D conv kernel moves (weight decay)."""
   opt = load_config('demo', {'optimizer.name': name,
                              'optimizer.weight_decay': 0.1}).optimizer
-  tx = train_lib.create_optimizer(opt, lambda step: 0.5)
+  tx = optim.create_optimizer(opt, lambda step: 0.5)
   params = {'conv': {'kernel': np.ones((3, 3, 2, 2), np.float32)},
             'dense': {'kernel': np.ones((2, 2), np.float32)},
             'norm': {'scale': np.ones((2,), np.float32)}}
@@ -334,7 +336,7 @@ def test_optimizer_decays_only_conv_kernels(name):
 def test_unknown_optimizer_is_named():
   opt = load_config('demo', {'optimizer.name': 'lamb'}).optimizer
   with pytest.raises(ValueError, match="'lamb'"):
-    train_lib.create_optimizer(opt, lambda step: 0.1)
+    optim.create_optimizer(opt, lambda step: 0.1)
 
 
 def test_sharded_step_equals_one_device_step(data_dir):
@@ -342,9 +344,9 @@ def test_sharded_step_equals_one_device_step(data_dir):
   from input_pipeline import detection  # pylint: disable=g-import-not-at-top
   config = load_config('demo', {**TINY_DEMO, 'data.data_dir': data_dir})
   model = models.build_model(config)
-  schedule = train_lib.learning_rate_schedule(config.optimizer,
+  schedule = optim.learning_rate_schedule(config.optimizer,
                                               config.batch_size, 12)
-  tx = train_lib.create_optimizer(config.optimizer, schedule)
+  tx = optim.create_optimizer(config.optimizer, schedule)
   it = detection.train_iterator(config.data, batch_size=config.batch_size,
                                 seed=config.seed)
   batches = [next(it) for _ in range(2)]
@@ -390,7 +392,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path,
         batch['image'] = np.full_like(batch['image'], np.nan)
       yield batch
 
-  monkeypatch.setattr(train_lib, '_data_module', lambda config: (
+  monkeypatch.setattr(tasks.Detection, 'data', (
       types.SimpleNamespace(train_iterator=poisoned_train_iterator,
                             eval_iterator=detection.eval_iterator)))
   # Logs every 5 steps, so the step is found by the check that runs while
@@ -409,14 +411,14 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path,
 
 def _two_steps(config):
   """Builds a config's model and runs two training steps on its data."""
-  data = train_lib._data_module(config)  # pylint: disable=protected-access
-  mesh = sharding.create_mesh(config.get('mesh'))
+  mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   model = models.build_model(config)
-  steps = train_lib.total_steps(config)
-  schedule = train_lib.learning_rate_schedule(config.optimizer,
+  data = tasks.get_task(config, model).data
+  steps = optim.total_steps(config)
+  schedule = optim.learning_rate_schedule(config.optimizer,
                                               config.batch_size, steps)
-  tx = train_lib.create_optimizer(config.optimizer, schedule)
+  tx = optim.create_optimizer(config.optimizer, schedule)
   it = data.train_iterator(config.data, batch_size=config.batch_size,
                            seed=config.seed)
   with jax.set_mesh(mesh):
@@ -523,7 +525,7 @@ def test_checkpoint_of_8_devices_continues_on_2(reference, data_dir,
   # Restored onto a 2-device mesh (here, abstractly): exact, replicated.
   config = load_config('demo', {**TINY_DEMO, 'data.data_dir': data_dir})
   model = models.build_model(config)
-  tx = train_lib.create_optimizer(config.optimizer, train_lib.
+  tx = optim.create_optimizer(config.optimizer, optim.
                                   learning_rate_schedule(config.optimizer, 8,
                                                          12))
   mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:2])
@@ -590,7 +592,7 @@ def test_two_processes_equal_one(data_dir, compile_cache, tmp_path,
   create_mesh = sharding.create_mesh
   monkeypatch.setattr(sharding, 'create_mesh', lambda mesh_config=None: (
       create_mesh(mesh_config, devices=jax.devices()[:4])))
-  monkeypatch.setattr(train_lib, '_data_module', lambda config: (
+  monkeypatch.setattr(tasks.Detection, 'data', (
       types.SimpleNamespace(train_iterator=two_process_batches,
                             eval_iterator=detection.eval_iterator)))
   baseline = tmp_path / 'one'
