@@ -25,6 +25,7 @@ from absl import flags
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from spinenet_jax import cli
 from spinenet_jax import models
 from spinenet_jax.spinenet import ScalePermutedNetwork
 
@@ -295,17 +296,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Draws --model or --config to --output; `argv` excludes the program."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  args = list(sys.argv[1:] if argv is None else argv)
-  if {'-h', '--help', '--helpfull'} & set(args):
-    print(f'{__doc__}\n{fv.get_help()}')
-    return 0
-  try:
-    fv(['draw', *args])
-  except flags.Error as e:
-    print(f'{e}\n\n{__doc__}\n{fv.get_help()}', file=sys.stderr)
-    return 2
+  fv = cli.parse_flags('draw', __doc__, define_flags, argv)
+  if isinstance(fv, int):
+    return fv
   g = graph_from_config(load_config(fv.config)) if fv.config else graph(
       fv.model)
   draw(g, fv.output)

@@ -23,6 +23,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from spinenet_jax import cli
 from spinenet_jax import inference
 from spinenet_jax.draw import draw_detections
 
@@ -109,17 +110,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs --workdir's model on --image files; `argv` excludes the program."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  args = list(sys.argv[1:] if argv is None else argv)
-  if {'-h', '--help', '--helpfull'} & set(args):
-    print(f'{__doc__}\n{fv.get_help()}')
-    return 0
-  try:
-    fv(['predict', *args])
-  except flags.Error as e:
-    print(f'{e}\n\n{__doc__}\n{fv.get_help()}', file=sys.stderr)
-    return 2
+  fv = cli.parse_flags('predict', __doc__, define_flags, argv)
+  if isinstance(fv, int):
+    return fv
   run = inference.load_checkpoint(fv.workdir, step=fv.step)
   records = predict(run, fv.image, fv.output, fv.score_threshold,
                     fv.batch_size)
