@@ -69,7 +69,12 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       filter_size_scale=config_dict.placeholder(float),
       resample_alpha=config_dict.placeholder(float),
       block_repeats=config_dict.placeholder(int),
-      stem_filters=config_dict.placeholder(int)))  # None: 64 (not mobile)
+      stem_filters=config_dict.placeholder(int),  # None: 64 (not mobile)
+      # None: the model id's permutation. Else (level, block_fn, (input,
+      # input), is_output) per block, as in spinenet_jax/specs.py; from the
+      # command line: --config.model.block_specs="((3, 'bottleneck', (0, 1),
+      # True), ...)".
+      block_specs=config_dict.placeholder(tuple)))
   c.data = data_config(dataset)
   c.batch_size = 256  # global
   # Durations: `*_steps`, or `*_epochs` converted at run time with the batch

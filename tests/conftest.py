@@ -1,11 +1,20 @@
 """Test set-up: 8 CPU devices, configured before JAX creates its backends.
 
-Also the fixtures that several test modules share: a 2-step demo detection
-run trained once per session (`det_workdir`, `det_run`) and the images that
-the inference, predict and draw tests feed it.
+A report at the end of every run: the 10 slowest tests, each with the time
+its in-process XLA compilations took, so that growth shows in every CI log.
+
+Also the fixtures that several test modules share: a persistent compilation
+cache, the tiny datasets, the tiny demo detection and classification runs
+trained once per session (configurations in tiny.py) and the images that the
+inference and predict tests feed them.
 """
-import importlib.util
+import collections
+import contextlib
+import io
 import os
+from pathlib import Path
+import types
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -18,56 +27,138 @@ jax.config.update("jax_platforms", "cpu")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import tiny  # noqa: E402
+
+from jax import monitoring  # noqa: E402
+
+# ------------------------------------------------- slowest-tests report
+
+_SLOWEST = 10
+_test_secs = collections.defaultdict(float)  # nodeid -> setup+call+teardown
+_compile_secs = collections.defaultdict(float)  # nodeid -> XLA compile
+_running = []  # The nodeid being run, if any.
 
 
-def _config(name):
-  spec = importlib.util.spec_from_file_location(
-      f'_cfg_{name}', os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def _on_duration(event: str, duration: float, **_) -> None:
+  # Backend compilation only: tracing and lowering events nest.
+  if event == '/jax/core/compile/backend_compile_duration' and _running:
+    _compile_secs[_running[-1]] += duration
 
 
-def _tiny(c, data_dir):
-  c.data.data_dir = str(data_dir)
-  c.data.num_train_examples = 32
-  c.data.num_eval_examples = 8
-  c.data.shapes_image_size = 128
-  c.data.image_size = 128
-  c.batch_size = 8
-  c.total_steps = 2
-  c.model.filter_size_scale = 0.125
-  c.model.endpoints_num_filters = 16
-  c.checkpoint_every_steps = 2
-  c.log_every_steps = 1
-  c.async_checkpoints = False
-  return c
+monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  del nextitem
+  _running.append(item.nodeid)
+  try:
+    yield
+  finally:
+    _running.pop()
+
+
+def pytest_runtest_logreport(report):
+  _test_secs[report.nodeid] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The slowest tests, with their share of XLA compilation."""
+  if not _test_secs:
+    return
+  tr = terminalreporter
+  total, compiled = sum(_test_secs.values()), sum(_compile_secs.values())
+  tr.section(f'{_SLOWEST} slowest tests (setup + call + teardown)')
+  tr.write_line(f'{"total s":>8} {"compile s":>9}  test   (shared fixtures '
+                'count in the first test that uses them; subprocesses\' '
+                'compilation is not seen)')
+  for nodeid, secs in sorted(_test_secs.items(), key=lambda kv: -kv[1])[
+      :_SLOWEST]:
+    tr.write_line(f'{secs:8.1f} {_compile_secs[nodeid]:9.1f}  {nodeid}')
+  tr.write_line(f'{total:8.1f} {compiled:9.1f}  all {len(_test_secs)} tests')
+
+
+# -------------------------------------------------------------- fixtures
+
+# Of the persistent compilation cache (JAX's own limit needs filelock).
+CACHE_MAX_BYTES = 500 << 20
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compile_cache(request, tmp_path_factory) -> str:
+  """A persistent XLA cache for the session and its `train.py` subprocesses.
+
+  Identical programs compiled by different tests (the same tiny step in
+  several tests, a subprocess resuming a run) compile once. The cache lives
+  in pytest's cache directory: a fresh clone starts cold, reruns are warm.
+  """
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  cache = getattr(request.config, 'cache', None)
+  path = Path(cache.mkdir('spinenet_jax_xla') if cache is not None
+              else tmp_path_factory.mktemp('xla_cache'))
+  # Keep it bounded: drop the least recently written entries beyond the cap.
+  entries = sorted((f for f in path.iterdir() if f.is_file()),
+                   key=lambda f: f.stat().st_mtime)
+  total = sum(f.stat().st_size for f in entries)
+  for f in entries:
+    if total <= CACHE_MAX_BYTES:
+      break
+    total -= f.stat().st_size
+    f.unlink()
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(path))
+  compilation_cache.reset_cache()
+  yield str(path)
+  jax.config.update('jax_compilation_cache_dir', previous)
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope='session')
-def tiny_run_config():
-  """`(config name, data_dir) -> configs/NAME.py` shrunk to a 2-step run."""
-  return lambda name, data_dir: _tiny(_config(name), data_dir)
+def data_dir(tmp_path_factory) -> str:
+  """The tiny shapes datasets, built once (and before any subprocess)."""
+  from input_pipeline import common as data_common  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('tfds'))
+  for name, overrides in (('demo', tiny.TINY_DEMO),
+                          ('shapes_classification', tiny.TINY_CLASSIFICATION)):
+    config = tiny.load_config(name, {**overrides, 'data.data_dir': path})
+    data_common.get_builder(config.data)
+  return path
 
 
-@pytest.fixture(scope='session')
-def det_workdir(tmp_path_factory, tiny_run_config):
-  """A 2-step demo detection run (EMA on, so that its path is covered)."""
+def _train(name: str, overrides: dict, data_dir: str, workdir) -> Any:
   from spinenet_jax import train_lib  # pylint: disable=g-import-not-at-top
-  tmp = tmp_path_factory.mktemp('det')
-  c = tiny_run_config('demo', tmp / 'tfds')
-  c.model.head_num_convs = 1
-  c.model.head_num_filters = 16
-  c.optimizer.ema_decay = 0.9
-  train_lib.train_and_evaluate(c, str(tmp / 'run'))
-  return str(tmp / 'run')
+  config = tiny.load_config(name, {**overrides, 'data.data_dir': data_dir})
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    result = train_lib.train_and_evaluate(config, str(workdir))
+  return types.SimpleNamespace(workdir=str(workdir), result=result,
+                               stdout=out.getvalue())
+
+
+@pytest.fixture(scope='session')
+def det_reference(data_dir, tmp_path_factory):
+  """The tiny demo run, uninterrupted, in-process (checkpoints 4, 8, 12):
+  `.workdir`, `.result` (the final evaluation), `.stdout` (its console)."""
+  return _train('demo', tiny.TINY_DEMO, data_dir,
+                tmp_path_factory.mktemp('det_reference'))
+
+
+@pytest.fixture(scope='session')
+def det_workdir(det_reference) -> str:
+  return det_reference.workdir
 
 
 @pytest.fixture(scope='session')
 def det_run(det_workdir):
   import spinenet_jax  # pylint: disable=g-import-not-at-top
   return spinenet_jax.load_checkpoint(det_workdir)
+
+
+@pytest.fixture(scope='session')
+def cls_reference(data_dir, tmp_path_factory):
+  """The tiny shapes classification run (20 steps, checkpoint 20)."""
+  return _train('shapes_classification', tiny.TINY_CLASSIFICATION, data_dir,
+                tmp_path_factory.mktemp('cls_reference'))
 
 
 @pytest.fixture

@@ -1,9 +1,8 @@
 """load_checkpoint / Run.features / detect / classify.
 
-The 2-step demo detection run is trained in-process once per session
-(conftest.py `det_workdir`, with EMA on so that the EMA path is covered); the
-classification run directory is written by hand (initial state saved with
-`checkpoints.save`, as training does) to keep the runtime down.
+On the session's tiny demo detection run (conftest.py `det_workdir`, with
+EMA on so that the EMA path is covered) and tiny classification run
+(`cls_reference`).
 """
 
 import os
@@ -15,32 +14,12 @@ import pytest
 import spinenet_jax
 from spinenet_jax import checkpoints
 from spinenet_jax import inference
-from spinenet_jax import optim
-from spinenet_jax import train_lib
 from spinenet_jax.detection import postprocess
-
-
-@pytest.fixture(scope='module')
-def cls_workdir(tmp_path_factory, tiny_run_config):
-  """A classification run directory as training writes it (step 3)."""
-  tmp = tmp_path_factory.mktemp('cls')
-  c = tiny_run_config('shapes_classification', tmp / 'tfds')
-  workdir = str(tmp / 'run')
-  model = spinenet_jax.build_model(c)
-  tx = optim.create_optimizer(c.optimizer, lambda s: 0.1)
-  state = jax.jit(lambda: train_lib.init_state(model, tx, c))()
-  state = state.replace(step=state.step + 3)
-  checkpoints.save_config(workdir, c)
-  manager = checkpoints.create_manager(workdir, async_save=False)
-  checkpoints.save(manager, 3, state, force=True)
-  manager.wait_until_finished()
-  manager.close()
-  return workdir, state
 
 
 def test_load_checkpoint(det_run, det_workdir):
   run = det_run
-  assert run.step == 2
+  assert run.step == 12
   assert isinstance(run.model, spinenet_jax.RetinaNet)
   assert run.config.data.image_size == 128
   assert run.ema_params is not None
@@ -49,8 +28,8 @@ def test_load_checkpoint(det_run, det_workdir):
   assert set(run.variables) == {'params', 'batch_stats'}
   # Same run through the step directory and an explicit step.
   again = inference.load_checkpoint(
-      os.path.join(det_workdir, 'checkpoints', '2'))
-  assert again.step == 2
+      os.path.join(det_workdir, 'checkpoints', '12'))
+  assert again.step == 12
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.variables),
                jax.device_get(run.variables))
   with pytest.raises(FileNotFoundError, match='step 7'):
@@ -110,15 +89,15 @@ def test_detect_list_of_sizes(det_run, sample_images):
     det_run.classify(images)
 
 
-def test_classify(cls_workdir, sample_images):
-  workdir, state = cls_workdir
+def test_classify(cls_reference, sample_images):
+  workdir = cls_reference.workdir
   run = spinenet_jax.load_checkpoint(workdir)
-  assert run.step == 3
+  assert run.step == 20
   assert isinstance(run.model, spinenet_jax.Classifier)
   assert run.ema_params is None
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get(run.variables['params']),
-               jax.device_get(state.params))
+               checkpoints.restore_arrays(workdir)['params'])
   out = run.classify(sample_images, k=2)
   assert out['classes'].shape == out['probabilities'].shape == (2, 2)
   assert np.all(out['probabilities'][:, 0] >= out['probabilities'][:, 1])

@@ -110,8 +110,7 @@ def test_custom_permutation_builds_and_runs():
       'model': dict(TINY, block_specs=custom, num_classes=4)})
   model = snj.build_model(config)
   x = jnp.ones((1, 128, 128, 3))
-  variables = model.init(jax.random.key(0), x)
-  out = model.apply(variables, x)
+  out, _ = jax.jit(lambda x: model.init_with_output(jax.random.key(0), x))(x)
   assert sorted(out['cls_outputs']) == [3, 4, 5, 6, 7]
   assert out['cls_outputs'][5].shape == (1, 4, 4, 9 * 4)
 

@@ -2,15 +2,10 @@
 runs resume exactly after SIGTERM and SIGKILL, checkpoints move between
 device counts, two processes equal one, and a non-finite loss stops a run.
 
-XLA compilation dominates the cost (tens of seconds per train step on two
-CPU cores), so the tests share one tiny configuration (`TINY_DEMO`: same
-shapes and schedule, hence the same executables), one dataset built once,
-and a persistent compilation cache shared by the in-process runs and the
-`train.py` subprocesses. The cache lives in pytest's cache directory, so
-reruns skip most compilation; a cold run takes several times longer.
-
-Configs are loaded through the same flag parser as `train.py`, so every
-override used here is one that works on the command line.
+XLA compilation dominates the cost, so the tests share the tiny
+configurations of tiny.py (the same shapes and schedule, hence the same
+executables), the session's datasets and runs (conftest.py), and its
+persistent compilation cache, which the `train.py` subprocesses read too.
 """
 
 from __future__ import annotations
@@ -30,9 +25,7 @@ import sys
 import time
 import types
 
-from absl import flags
 import jax
-from ml_collections import config_flags
 import numpy as np
 import pytest
 
@@ -42,54 +35,25 @@ from spinenet_jax import optim
 from spinenet_jax import sharding
 from spinenet_jax import tasks
 from spinenet_jax import train_lib
+from tests.tiny import cli_overrides
+from tests.tiny import load_config
+from tests.tiny import REPO
+from tests.tiny import TINY_BACKBONE
+from tests.tiny import TINY_CLASSIFICATION
+from tests.tiny import TINY_CLASSIFICATION_DATA
+from tests.tiny import TINY_DATA
+from tests.tiny import TINY_DEMO
+from tests.tiny import TINY_HEAD
+from tests.tiny import TINY_MOBILE_SPECS
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG_NAMES = sorted(
     p.stem for p in (REPO / 'configs').glob('*.py')
     if p.stem not in ('common', '__init__'))
-
-TINY_DATA = {'data.num_train_examples': 64, 'data.num_eval_examples': 16,
-             'data.shapes_image_size': 128, 'data.image_size': 128}
-TINY_BACKBONE = {'model.filter_size_scale': 0.125,
-                 'model.endpoints_num_filters': 16}
-TINY_HEAD = {'model.head_num_convs': 1, 'model.head_num_filters': 16}
-# The shared detection run: 12 steps of batch 8 on the 8 test devices, SGD
-# with peak learning rate 0.04 after 2 warmup steps, then cosine decay. SGD,
-# not the demo's AdamW: the exactness tests compare runs whose reductions add
-# in different orders, and Adam's normalisation amplifies such rounding in
-# near-zero gradients; the machinery under test does not depend on it.
-TINY_DEMO = {**TINY_DATA, **TINY_BACKBONE, **TINY_HEAD,
-             'batch_size': 8, 'total_steps': 12, 'optimizer.name': 'sgd',
-             'optimizer.base_learning_rate': 1.28,
-             'optimizer.warmup_steps': 2,
-             'log_every_steps': 1, 'checkpoint_every_steps': 4}
-TINY_CLASSIFICATION_DATA = {**TINY_DATA, 'data.num_train_examples': 32}
-TINY_CLASSIFICATION = {**TINY_CLASSIFICATION_DATA, **TINY_BACKBONE,
-                       'batch_size': 16, 'total_steps': 20,
-                       'optimizer.base_learning_rate': 0.4,
-                       'optimizer.warmup_steps': 2,
-                       'log_every_steps': 1, 'checkpoint_every_steps': 0}
-CACHE_MAX_BYTES = 500 << 20  # Of the persistent compilation cache.
 # Only a process that has run this long is stuck rather than slow.
 SUBPROCESS_TIMEOUT_S = 900
 
 
 # --------------------------------------------------------------- helpers
-
-
-def cli_overrides(overrides: dict) -> list[str]:
-  return [f'--config.{k}={v}' for k, v in overrides.items()]
-
-
-def load_config(name: str, overrides: dict):
-  """`configs/<name>.py` with `--config.key=value` flags, as train.py."""
-  argv = ['test', f'--config={REPO / "configs" / (name + ".py")}',
-          *cli_overrides(overrides)]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
-  fv(argv)
-  return fv.config
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -215,61 +179,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-# -------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compile_cache(request, tmp_path_factory):
-  """A persistent XLA cache for this module and its subprocesses."""
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
-  cache = getattr(request.config, 'cache', None)
-  path = (cache.mkdir('spinenet_jax_xla') if cache is not None
-          else tmp_path_factory.mktemp('xla_cache'))
-  # Keep it bounded (JAX's own limit needs the filelock package): drop the
-  # least recently written entries beyond CACHE_MAX_BYTES.
-  entries = sorted(Path(path).iterdir(), key=lambda f: f.stat().st_mtime)
-  total = sum(f.stat().st_size for f in entries if f.is_file())
-  for f in entries:
-    if total <= CACHE_MAX_BYTES:
-      break
-    if f.is_file():
-      total -= f.stat().st_size
-      f.unlink()
-  previous = jax_config.compilation_cache_dir.value
-  jax.config.update('jax_compilation_cache_dir', str(path))
-  compilation_cache.reset_cache()
-  yield str(path)
-  jax.config.update('jax_compilation_cache_dir', previous)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> str:
-  """The tiny shapes datasets, built once (and before any subprocess)."""
-  from input_pipeline import common as data_common  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path_factory.mktemp('tfds'))
-  for name, overrides in (('demo', TINY_DEMO),
-                          ('shapes_classification', TINY_CLASSIFICATION)):
-    config = load_config(name, {**overrides, 'data.data_dir': path})
-    data_common.get_builder(config.data)
-  return path
-
-
-@pytest.fixture(scope='module')
-def reference(data_dir, tmp_path_factory):
-  """An uninterrupted in-process run of TINY_DEMO (checkpoints 4, 8, 12)."""
-  workdir = tmp_path_factory.mktemp('reference')
-  config = load_config('demo', {**TINY_DEMO, 'data.data_dir': data_dir})
-  result, stdout = run_in_process(config, workdir)
-  return types.SimpleNamespace(workdir=str(workdir), result=result,
-                               stdout=stdout)
-
-
 # ------------------------------------------------------- in-process tests
 
 
-def test_demo_loss_decreases_and_logs(reference):
+def test_demo_loss_decreases_and_logs(det_reference):
+  reference = det_reference
   losses = train_losses(reference.workdir)
   assert sorted(losses) == list(range(1, 13))
   first = np.mean([losses[s] for s in (1, 2, 3)])
@@ -304,17 +218,16 @@ def test_demo_loss_decreases_and_logs(reference):
   assert {'loss', 'cls_loss', 'box_loss', 'learning_rate', 'AP'} <= tags
 
 
-def test_classification_loss_decreases(data_dir, tmp_path):
-  config = load_config('shapes_classification',
-                       {**TINY_CLASSIFICATION, 'data.data_dir': data_dir})
-  result, out = run_in_process(config, tmp_path)
-  losses = train_losses(tmp_path)
+def test_classification_loss_decreases(cls_reference):
+  run = cls_reference
+  losses = train_losses(run.workdir)
   assert sorted(losses) == list(range(1, 21))
   first = np.mean([losses[s] for s in range(1, 6)])
   last = np.mean([losses[s] for s in range(16, 21)])
   assert last < first - 0.02, losses
-  assert 0 <= result['top1'] <= result['top5'] <= 1
-  assert 'top-1' in out and checkpoints.saved_steps(tmp_path) == [20]
+  assert 0 <= run.result['top1'] <= run.result['top5'] <= 1
+  assert 'top-1' in run.stdout
+  assert checkpoints.saved_steps(run.workdir) == [20]
 
 
 @pytest.mark.parametrize('name', ['sgd', 'adamw'])
@@ -433,10 +346,14 @@ def _two_steps(config):
 
 
 def tiny_overrides(name: str) -> dict:
-  """Command-line overrides that shrink a config to seconds on a CPU."""
+  """Command-line overrides that shrink a config to seconds on a CPU: its
+  own settings on the tiny permutation of its family (tiny.py)."""
+  config = load_config(name, {})
   common = {'total_steps': 2, 'batch_size': 8, **TINY_BACKBONE,
             'model.block_repeats': 1}
-  if load_config(name, {}).task == 'classification':
+  if models.build_model(config).is_mobile:
+    common['model.block_specs'] = TINY_MOBILE_SPECS
+  if config.task == 'classification':
     return {**common, **TINY_CLASSIFICATION_DATA,
             'data.name': 'shapes/classification'}
   return {**common, **TINY_DATA, **TINY_HEAD, 'data.name': 'shapes/detection'}
@@ -465,7 +382,7 @@ def test_configs_are_listed():
 
 
 def test_resume_after_sigterm_and_after_sigkill_is_exact(
-    reference, data_dir, compile_cache, tmp_path):
+    det_reference, data_dir, compile_cache, tmp_path):
   """SIGTERM at step >= 3, resume, SIGKILL after the next checkpoint,
   resume: every step and the final state equal the uninterrupted run's.
 
@@ -474,6 +391,7 @@ def test_resume_after_sigterm_and_after_sigkill_is_exact(
   Bitwise: the same executables (persistent cache), the data stream and the
   RNG are functions of the step, and the restore is exact.
   """
+  reference = det_reference
   workdir = tmp_path / 'run'
   want = train_losses(reference.workdir)
 
@@ -515,8 +433,9 @@ def test_resume_after_sigterm_and_after_sigkill_is_exact(
   assert_same_final_state(workdir, reference.workdir, 12)
 
 
-def test_checkpoint_of_8_devices_continues_on_2(reference, data_dir,
+def test_checkpoint_of_8_devices_continues_on_2(det_reference, data_dir,
                                                 compile_cache, tmp_path):
+  reference = det_reference
   workdir = tmp_path / 'run'
   shutil.copytree(os.path.join(checkpoints.checkpoint_dir(reference.workdir),
                                '4'),
