@@ -105,11 +105,16 @@ def compile_cache(request, tmp_path_factory) -> str:
       break
     total -= f.stat().st_size
     f.unlink()
-  previous = jax.config.jax_compilation_cache_dir
+  # Every program, not only those over JAX's default 1 s: subprocesses
+  # otherwise recompile dozens of small ones.
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
   jax.config.update('jax_compilation_cache_dir', str(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   compilation_cache.reset_cache()
   yield str(path)
-  jax.config.update('jax_compilation_cache_dir', previous)
+  jax.config.update('jax_compilation_cache_dir', previous[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
   compilation_cache.reset_cache()
 
 

@@ -132,6 +132,7 @@ class Train:
            f'--config={REPO / "configs" / "demo.py"}', f'--workdir={workdir}',
            *cli_overrides({**overrides, 'data.data_dir': data_dir}), *args]
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='',
                JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
     with open(self.log_path, 'w') as log:
