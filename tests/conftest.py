@@ -9,12 +9,9 @@ trained once per session (configurations in tiny.py) and the images that the
 inference and predict tests feed them.
 """
 import collections
-import contextlib
-import io
 import os
 from pathlib import Path
 import types
-from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -130,14 +127,12 @@ def data_dir(tmp_path_factory) -> str:
   return path
 
 
-def _train(name: str, overrides: dict, data_dir: str, workdir) -> Any:
-  from spinenet_jax import train_lib  # pylint: disable=g-import-not-at-top
+def _train(name: str, overrides: dict, data_dir: str,
+           workdir) -> types.SimpleNamespace:
   config = tiny.load_config(name, {**overrides, 'data.data_dir': data_dir})
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    result = train_lib.train_and_evaluate(config, str(workdir))
+  result, stdout = tiny.run_in_process(config, workdir)
   return types.SimpleNamespace(workdir=str(workdir), result=result,
-                               stdout=out.getvalue())
+                               stdout=stdout)
 
 
 @pytest.fixture(scope='session')

@@ -10,9 +10,7 @@ persistent compilation cache, which the `train.py` subprocesses read too.
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import io
 import json
 import os
 from pathlib import Path
@@ -33,13 +31,14 @@ from spinenet_jax import checkpoints
 from spinenet_jax import models
 from spinenet_jax import optim
 from spinenet_jax import sharding
+from spinenet_jax import specs
 from spinenet_jax import tasks
 from spinenet_jax import train_lib
 from tests.tiny import cli_overrides
 from tests.tiny import load_config
+from tests.tiny import run_in_process
 from tests.tiny import REPO
 from tests.tiny import TINY_BACKBONE
-from tests.tiny import TINY_CLASSIFICATION
 from tests.tiny import TINY_CLASSIFICATION_DATA
 from tests.tiny import TINY_DATA
 from tests.tiny import TINY_DEMO
@@ -73,13 +72,6 @@ def read_metrics(workdir) -> list[dict]:
 def train_losses(workdir) -> dict[int, float]:
   """Step -> logged training loss (the last one logged for the step)."""
   return {r['step']: r['loss'] for r in read_metrics(workdir) if 'loss' in r}
-
-
-def run_in_process(config, workdir) -> tuple[dict, str]:
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    result = train_lib.train_and_evaluate(config, str(workdir))
-  return result, out.getvalue()
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -352,7 +344,7 @@ def tiny_overrides(name: str) -> dict:
   config = load_config(name, {})
   common = {'total_steps': 2, 'batch_size': 8, **TINY_BACKBONE,
             'model.block_repeats': 1}
-  if models.build_model(config).is_mobile:
+  if specs.is_mobile(config.model.model_id):
     common['model.block_specs'] = TINY_MOBILE_SPECS
   if config.task == 'classification':
     return {**common, **TINY_CLASSIFICATION_DATA,

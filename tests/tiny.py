@@ -13,6 +13,8 @@ override used here is one that works on the command line.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 from absl import flags
@@ -66,3 +68,12 @@ def load_config(name: str, overrides: dict):
                                   lock_config=True, sys_argv=argv)
   fv(argv)
   return fv.config
+
+
+def run_in_process(config, workdir) -> tuple[dict, str]:
+  """`train_and_evaluate` in this process: its result and its console."""
+  from spinenet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    result = train_lib.train_and_evaluate(config, str(workdir))
+  return result, out.getvalue()
