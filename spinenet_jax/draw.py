@@ -3,6 +3,7 @@
 ```sh
 python -m spinenet_jax.draw --model=49 --output=spinenet49.png     # or .svg
 python -m spinenet_jax.draw --config=configs/x.py --output=x.png   # config.model.block_specs
+python -m spinenet_jax.draw --diff=49 --diff=best_block_specs.json --output=diff.png
 ```
 
 Blocks are placed by their order (x) and level (y, level 7 at the top),
@@ -10,16 +11,26 @@ coloured by block type; arrows are the cross-scale connections (solid: the two
 inputs of a block; dashed: an unused block merged into an output of its
 level); outputs are outlined and labelled P3..P7. Blocks that no output
 depends on (so not built) are drawn hatched grey.
+
+`--diff=A --diff=B` (the flag given twice; absl has no `--diff A B`) draws A
+above B and marks in magenta what differs, position by position: blocks whose
+level, type, output-ness or inputs differ, or that only one side has, and the
+edges (source -> target, solid or merged) that only one side has. A and B are
+each a model id (49, 49S, 49_mobile, ...), a config `.py` with `get_config()`
+(as --config), a `.py` defining `BLOCK_SPECS` (model id 49), or a `.json`
+file `{"block_specs": [[level, block_fn, [in0, in1], is_output], ...],
+"model_id": "49"}` (model_id optional), as the architecture search writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
+import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from types import ModuleType
+from typing import Any, Sequence
 
 from absl import flags
 import numpy as np
@@ -27,13 +38,19 @@ from PIL import Image, ImageDraw, ImageFont
 
 from spinenet_jax import cli
 from spinenet_jax import models
+from spinenet_jax.draw_render import (  # pylint: disable=unused-import
+    COLOURS, DIFF_COLOUR, EDGE_COLOUR, MERGE_COLOUR, OUTPUT_COLOUR, Edge,
+    render_diff_png, render_diff_svg, render_png, render_svg)
 from spinenet_jax.spinenet import ScalePermutedNetwork
 
-COLOURS = {'stem': '#9e9e9e', 'bottleneck': '#4e79a7', 'residual': '#f28e2b',
-           'mbconv': '#59a14f', 'unused': '#dddddd'}
-EDGE_COLOUR = '#555555'
-MERGE_COLOUR = '#b07aa1'
-OUTPUT_COLOUR = '#d62728'
+ACCEPTED = ('a model id (49S, 49, 96, 143, 143L, 190, 49_mobile, 49S_mobile, '
+            '49XS_mobile), a config .py with get_config(), a .py defining '
+            'BLOCK_SPECS, or a .json file {"block_specs": [[level, block_fn, '
+            '[input0, input1], is_output], ...], "model_id": "49"}')
+
+
+class SourceError(ValueError):
+  """A --diff source (model id or file) that cannot be read as a graph."""
 
 
 @dataclasses.dataclass
@@ -56,6 +73,12 @@ class Graph:
   blocks: list[Block]
   min_level: int
   max_level: int
+
+  def edges(self) -> list[Edge]:
+    """(source, target, merged) per arrow: inputs solid, merges dashed."""
+    return [(j, b.index, merged) for b in self.blocks
+            for j, merged in [(j, False) for j in b.inputs]
+            + [(j, True) for j in b.extras]]
 
 
 def graph(model_id: str = '49', block_specs: Sequence[Any] | None = None,
@@ -96,166 +119,6 @@ def backbone_graph(backbone: ScalePermutedNetwork,
   return Graph(title, blocks, lo, hi)
 
 
-# ------------------------------------------------------------------ layout
-
-CELL_W, CELL_H, BOX_W, BOX_H, MARGIN = 70, 62, 46, 30, 60
-
-
-def _layout(g: Graph) -> tuple[int, int, int, int,
-                              Callable[[Block], tuple[float, float]]]:
-  levels = [b.level for b in g.blocks]
-  lo, hi = min(levels), max(max(levels), g.max_level)
-  width = MARGIN * 2 + 40 + CELL_W * len(g.blocks) + 50
-  height = MARGIN + 40 + CELL_H * (hi - lo + 1) + 60
-  def centre(b):
-    return (MARGIN + 40 + CELL_W * b.index + CELL_W / 2,
-            MARGIN + 30 + CELL_H * (hi - b.level) + CELL_H / 2)
-  return width, height, lo, hi, centre
-
-
-def _edge_points(p: tuple[float, float], q: tuple[float, float]
-                 ) -> tuple[tuple[float, float], tuple[float, float]]:
-  """From the right/side of box p to the left side of box q."""
-  (x0, y0), (x1, y1) = p, q
-  return (x0 + BOX_W / 2, y0), (x1 - BOX_W / 2, y1)
-
-
-def _arrow_head(x0: float, y0: float, x1: float, y1: float,
-                size: float = 7) -> list[tuple[float, float]]:
-  ang = math.atan2(y1 - y0, x1 - x0)
-  return [(x1, y1),
-          (x1 - size * math.cos(ang - 0.4), y1 - size * math.sin(ang - 0.4)),
-          (x1 - size * math.cos(ang + 0.4), y1 - size * math.sin(ang + 0.4))]
-
-
-def _legend(g: Graph) -> list[tuple[str, str]]:
-  kinds = ['stem'] + sorted({b.kind for b in g.blocks if b.kind != 'stem'})
-  items = [(COLOURS.get(k, '#888888'), k) for k in kinds]
-  if any(not b.built for b in g.blocks):
-    items.append((COLOURS['unused'], 'not built'))
-  return items
-
-
-def render_png(g: Graph, path: str, scale: int = 2) -> None:
-  """Writes `g` as a raster image (format from the extension of `path`)."""
-  width, height, lo, hi, centre = _layout(g)
-  img = Image.new('RGB', (width * scale, height * scale), 'white')
-  d = ImageDraw.Draw(img)
-  try:
-    font = ImageFont.load_default(size=11 * scale)
-    big = ImageFont.load_default(size=15 * scale)
-  except TypeError:  # Old Pillow: fixed-size bitmap font.
-    font = big = ImageFont.load_default()
-  s = lambda *xy: [v * scale for v in xy]
-  d.text(s(MARGIN, 14), g.title, fill='black', font=big)
-  for level in range(lo, hi + 1):
-    y = MARGIN + 30 + CELL_H * (hi - level) + CELL_H / 2
-    d.text(s(12, y - 7), f'L{level}', fill='black', font=font)
-    d.line(s(MARGIN + 30, y, width - 40, y), fill='#eeeeee', width=scale)
-  by_index = {b.index: b for b in g.blocks}
-  for b in g.blocks:
-    for j, dashed in [(j, False) for j in b.inputs] + [(j, True)
-                                                        for j in b.extras]:
-      (x0, y0), (x1, y1) = _edge_points(centre(by_index[j]), centre(b))
-      colour = MERGE_COLOUR if dashed else (
-          EDGE_COLOUR if b.built else '#cccccc')
-      if dashed:
-        n = max(int(math.hypot(x1 - x0, y1 - y0) // 8), 1)
-        for k in range(0, n, 2):
-          t0, t1 = k / n, min((k + 1) / n, 1)
-          d.line(s(x0 + (x1 - x0) * t0, y0 + (y1 - y0) * t0,
-                   x0 + (x1 - x0) * t1, y0 + (y1 - y0) * t1),
-                 fill=colour, width=2 * scale)
-      else:
-        d.line(s(x0, y0, x1, y1), fill=colour, width=scale + scale // 2)
-      d.polygon([tuple(v * scale for v in p)
-                 for p in _arrow_head(x0, y0, x1, y1)], fill=colour)
-  for b in g.blocks:
-    x, y = centre(b)
-    fill = COLOURS.get(b.kind, '#888888') if b.built else COLOURS['unused']
-    box = s(x - BOX_W / 2, y - BOX_H / 2, x + BOX_W / 2, y + BOX_H / 2)
-    d.rounded_rectangle(box, radius=5 * scale, fill=fill,
-                        outline=OUTPUT_COLOUR if b.is_output else '#333333',
-                        width=(3 if b.is_output else 1) * scale)
-    d.text(s(x - 6 if b.index < 10 else x - 9, y - 7), str(b.index),
-           fill='white' if b.built else '#777777', font=font)
-    if b.is_output:
-      d.line(s(x + BOX_W / 2, y, x + BOX_W / 2 + 12, y - 18),
-             fill=OUTPUT_COLOUR, width=2 * scale)
-      d.text(s(x + BOX_W / 2 + 4, y - 33), f'P{b.level}', fill=OUTPUT_COLOUR,
-             font=font)
-  lx = MARGIN
-  ly = height - 34
-  for colour, name in _legend(g) + [(OUTPUT_COLOUR, 'output (P3..P7)'),
-                                    (MERGE_COLOUR, 'merged unused block')]:
-    d.rectangle(s(lx, ly, lx + 14, ly + 14), fill=colour)
-    d.text(s(lx + 19, ly), name, fill='black', font=font)
-    lx += 30 + 7 * len(name)
-  img.save(path)
-
-
-def render_svg(g: Graph, path: str) -> None:
-  """Writes `g` as an SVG file (block tooltips give type, level, width)."""
-  width, height, lo, hi, centre = _layout(g)
-  out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
-         f'height="{height}" viewBox="0 0 {width} {height}" '
-         'font-family="sans-serif" font-size="11">',
-         '<defs>' + ''.join(
-             f'<marker id="a{i}" markerWidth="8" markerHeight="8" refX="7" '
-             f'refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="{c}"/>'
-             '</marker>' for i, c in enumerate(
-                 (EDGE_COLOUR, MERGE_COLOUR, '#cccccc'))) + '</defs>',
-         '<rect width="100%" height="100%" fill="white"/>',
-         f'<text x="{MARGIN}" y="28" font-size="15">{_esc(g.title)}</text>']
-  for level in range(lo, hi + 1):
-    y = MARGIN + 30 + CELL_H * (hi - level) + CELL_H / 2
-    out.append(f'<text x="12" y="{y + 4}">L{level}</text>')
-    out.append(f'<line x1="{MARGIN + 30}" y1="{y}" x2="{width - 40}" '
-               f'y2="{y}" stroke="#eeeeee"/>')
-  by_index = {b.index: b for b in g.blocks}
-  for b in g.blocks:
-    for j, dashed in [(j, False) for j in b.inputs] + [(j, True)
-                                                        for j in b.extras]:
-      (x0, y0), (x1, y1) = _edge_points(centre(by_index[j]), centre(b))
-      m = 1 if dashed else (0 if b.built else 2)
-      colour = (EDGE_COLOUR, MERGE_COLOUR, '#cccccc')[m]
-      dash = ' stroke-dasharray="5,4"' if dashed else ''
-      out.append(f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" '
-                 f'y2="{y1:.1f}" stroke="{colour}" stroke-width="1.5"{dash} '
-                 f'marker-end="url(#a{m})"/>')
-  for b in g.blocks:
-    x, y = centre(b)
-    fill = COLOURS.get(b.kind, '#888888') if b.built else COLOURS['unused']
-    stroke = OUTPUT_COLOUR if b.is_output else '#333333'
-    sw = 3 if b.is_output else 1
-    tip = f'{b.kind}, level {b.level}' + (
-        f', {b.channels} channels' if b.channels else '')
-    out.append(f'<g><title>{_esc(tip)}</title><rect x="{x - BOX_W / 2}" '
-               f'y="{y - BOX_H / 2}" width="{BOX_W}" height="{BOX_H}" rx="5" '
-               f'fill="{fill}" stroke="{stroke}" stroke-width="{sw}"/>'
-               f'<text x="{x}" y="{y + 4}" text-anchor="middle" '
-               f'fill="{"white" if b.built else "#777777"}">{b.index}</text>'
-               '</g>')
-    if b.is_output:
-      out.append(f'<text x="{x + BOX_W / 2 + 2}" y="{y - BOX_H / 2 - 3}" '
-                 f'fill="{OUTPUT_COLOUR}">P{b.level}</text>')
-  lx, ly = MARGIN, height - 34
-  for colour, name in _legend(g) + [(OUTPUT_COLOUR, 'output (P3..P7)'),
-                                    (MERGE_COLOUR, 'merged unused block')]:
-    out.append(f'<rect x="{lx}" y="{ly}" width="14" height="14" '
-               f'fill="{colour}"/><text x="{lx + 19}" y="{ly + 11}">'
-               f'{_esc(name)}</text>')
-    lx += 30 + 7 * len(name)
-  out.append('</svg>')
-  with open(path, 'w') as f:
-    f.write('\n'.join(out) + '\n')
-
-
-def _esc(text: str) -> str:
-  return (text.replace('&', '&amp;').replace('<', '&lt;')
-          .replace('>', '&gt;'))
-
-
 def draw(g: Graph, path: str) -> None:
   """Writes `g` as SVG (a `.svg` path) or a raster image (PNG, ...)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -265,21 +128,169 @@ def draw(g: Graph, path: str) -> None:
     render_png(g, path)
 
 
-def load_config(path: str) -> Any:
-  """`get_config()` of a config file (the repository root on sys.path)."""
+def _load_module(path: str) -> ModuleType:
+  """Runs a Python file as a module (the repository root on sys.path)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if root not in sys.path:
     sys.path.insert(0, root)
   spec = importlib.util.spec_from_file_location('_draw_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def load_config(path: str) -> Any:
+  """`get_config()` of a config file (the repository root on sys.path)."""
+  return _load_module(path).get_config()
 
 
 def graph_from_config(config: Any) -> Graph:
   """The graph of the backbone that `config` (`config.model`) builds."""
   return backbone_graph(models.build_model(config).backbone())
 
+
+# -------------------------------------------------------------------- diff
+
+def load_graph(source: str, title: str | None = None) -> Graph:
+  """The graph of a model id, config `.py`, `BLOCK_SPECS` `.py` or `.json`.
+
+  `title` defaults to the graph's own, prefixed by the file name for files.
+  Raises a SourceError (a ValueError) naming `source` and what is accepted.
+  """
+  source = str(source)
+  ext = os.path.splitext(source)[1].lower()
+  if ext in ('.py', '.json') or os.sep in source or os.path.isfile(source):
+    if not os.path.isfile(source):
+      raise SourceError(f'{source}: no such file; expected {ACCEPTED}.')
+    if ext not in ('.py', '.json'):
+      raise SourceError(f'{source}: not a .py or .json file; expected '
+                        f'{ACCEPTED}.')
+    try:
+      g = _file_graph(source, ext)
+    except SourceError:
+      raise
+    except Exception as e:  # The file's own code or specs: name the file.
+      raise SourceError(f'{source}: {type(e).__name__}: {e}') from e
+    g.title = f'{os.path.basename(source)}: {g.title}'
+  else:
+    try:
+      g = graph(source)
+    except ValueError as e:
+      raise SourceError(f'{source!r} is neither a file nor a known model id '
+                        f'({e}); expected {ACCEPTED}.') from e
+  if title is not None:
+    g.title = title
+  return g
+
+
+def _file_graph(source: str, ext: str) -> Graph:
+  if ext == '.json':
+    try:
+      with open(source) as f:
+        data = json.load(f)
+    except (OSError, ValueError) as e:
+      raise SourceError(f'{source}: not readable JSON ({e}); expected '
+                        f'{ACCEPTED}.') from e
+    if not isinstance(data, dict) or not isinstance(
+        data.get('block_specs'), list):
+      raise SourceError(f'{source}: JSON without a "block_specs" list; '
+                        f'expected {ACCEPTED}.')
+    return graph(str(data.get('model_id', '49')), data['block_specs'])
+  module = _load_module(source)
+  if hasattr(module, 'get_config'):
+    return graph_from_config(module.get_config())
+  if hasattr(module, 'BLOCK_SPECS'):
+    return graph('49', module.BLOCK_SPECS)
+  raise SourceError(f'{source}: defines neither get_config() nor '
+                    f'BLOCK_SPECS; expected {ACCEPTED}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffResult:
+  """What differs between graphs A and B, feature index by feature index."""
+  blocks: tuple[int, ...]    # Blocks that differ or that one side lacks.
+  edges_a: tuple[Edge, ...]  # Edges only A has.
+  edges_b: tuple[Edge, ...]  # Edges only B has.
+  details: tuple[str, ...]   # One line per differing block, then edge.
+
+  @property
+  def edges(self) -> tuple[Edge, ...]:
+    """The edges that only one side has, by target."""
+    return tuple(sorted(self.edges_a + self.edges_b, key=_edge_key))
+
+  @property
+  def same(self) -> bool:
+    return not (self.blocks or self.edges_a or self.edges_b)
+
+  @property
+  def summary(self) -> str:
+    """E.g. '5 blocks, 7 edges differ' or 'nothing differs'."""
+    if self.same:
+      return 'nothing differs'
+    nb, ne = len(self.blocks), len(self.edges)
+    return (f'{nb} block{"" if nb == 1 else "s"}, '
+            f'{ne} edge{"" if ne == 1 else "s"} differ')
+
+
+def _edge_key(e: Edge) -> tuple[int, int, bool]:
+  return e[1], e[0], e[2]
+
+
+def _block_changes(x: Block, y: Block) -> list[str]:
+  """How block x (of A) differs from y (of B); inputs in any order."""
+  out = []
+  if x.level != y.level:
+    out.append(f'level {x.level} vs {y.level}')
+  if x.kind != y.kind:
+    out.append(f'{x.kind} vs {y.kind}')
+  if x.is_output != y.is_output:
+    out.append(('output' if x.is_output else 'not output') + ' vs ' +
+               ('output' if y.is_output else 'not output'))
+  if sorted(x.inputs) != sorted(y.inputs):
+    out.append(f'inputs {x.inputs} vs {y.inputs}')
+  return out
+
+
+def diff(a: Graph, b: Graph) -> DiffResult:
+  """Blocks (level, type, output-ness, inputs) and edges differing A vs B."""
+  in_a, in_b = ({x.index: x for x in g.blocks} for g in (a, b))
+  blocks, details = [], []
+  for i in sorted(in_a.keys() | in_b.keys()):
+    x, y = in_a.get(i), in_b.get(i)
+    if x is None or y is None:
+      side, z = ('A', x) if y is None else ('B', y)
+      why = [f'only in {side} ({z.kind}, level {z.level})']
+    else:
+      why = _block_changes(x, y)
+    if why:
+      blocks.append(i)
+      details.append(f'block {i}: ' + ', '.join(why))
+  ea, eb = set(a.edges()), set(b.edges())
+  only_a = tuple(sorted(ea - eb, key=_edge_key))
+  only_b = tuple(sorted(eb - ea, key=_edge_key))
+  for side, edges in (('A', only_a), ('B', only_b)):
+    details += [f'edge {s} -> {t}{" (merge)" if m else ""}: only in {side}'
+                for s, t, m in edges]
+  return DiffResult(tuple(blocks), only_a, only_b, tuple(details))
+
+
+def draw_diff(a: Graph, b: Graph, path: str, side_by_side: bool = False
+              ) -> DiffResult:
+  """Writes A above (or left of) B, what differs marked; returns the diff."""
+  result = diff(a, b)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  args = (dataclasses.replace(a, title=f'A: {a.title}'),
+          dataclasses.replace(b, title=f'B: {b.title}'), path,
+          f'A vs B: {result.summary}', (result.blocks, result.edges_a),
+          (result.blocks, result.edges_b), side_by_side)
+  if path.lower().endswith('.svg'):
+    render_diff_svg(*args)
+  else:
+    render_diff_png(*args)
+  return result
+
+
+# --------------------------------------------------------------------- CLI
 
 def define_flags(fv: flags.FlagValues) -> None:
   """Defines the command-line flags on `fv`."""
@@ -289,20 +300,51 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
       'config', None, 'A config file; draws the backbone of config.model '
       '(e.g. its block_specs) instead of --model.', flag_values=fv)
+  flags.DEFINE_multi_string(
+      'diff', None, 'Give twice (--diff=A --diff=B) to draw A above B with '
+      'what differs marked. Each: a model id, a config .py, a .py with '
+      'BLOCK_SPECS, or a .json with "block_specs" (and "model_id").',
+      flag_values=fv)
   flags.DEFINE_string('output', None, 'Output file: .png or .svg.',
                       flag_values=fv)
   flags.mark_flag_as_required('output', flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Draws --model or --config to --output; `argv` excludes the program."""
+  """Draws --model, --config or --diff to --output; `argv` excludes argv[0]."""
   fv = cli.parse_flags('draw', __doc__, define_flags, argv)
   if isinstance(fv, int):
     return fv
+  if fv.diff:
+    return _main_diff(fv)
   g = graph_from_config(load_config(fv.config)) if fv.config else graph(
       fv.model)
   draw(g, fv.output)
   print(f'Wrote {fv.output}')
+  return 0
+
+
+def _main_diff(fv: flags.FlagValues) -> int:
+  """--diff: 2 (with the message) for a user error, else 0."""
+  if len(fv.diff) != 2:
+    print(f'draw: --diff takes two sources (--diff=A --diff=B), got '
+          f'{len(fv.diff)}: {fv.diff}.', file=sys.stderr)
+    return 2
+  if fv.config or fv['model'].present:
+    print('draw: --diff draws its own two sources; leave out --model and '
+          '--config.', file=sys.stderr)
+    return 2
+  try:
+    a, b = (load_graph(source) for source in fv.diff)
+  except SourceError as e:
+    print(f'draw: {e}', file=sys.stderr)
+    return 2
+  result = draw_diff(a, b, fv.output)
+  print(f'Wrote {fv.output}: {result.summary}')
+  for line in result.details[:20]:
+    print(f'  {line}')
+  if len(result.details) > 20:
+    print(f'  ... and {len(result.details) - 20} more')
   return 0
 
 
