@@ -21,10 +21,12 @@ from spinenet_jax import spinenet
 from spinenet_jax.search import evolution
 from spinenet_jax.search import graph
 from spinenet_jax.search import space as sp
+from spinenet_jax.search import study
+from configs import search_shapes
 from tiny import REPO, cli_overrides
 
 SPINENET49 = specs.SPINENET_BLOCK_SPECS[:15]  # Without the dead L2 block.
-TINY_SPACE = sp.SearchSpace(intermediate_levels=(3, 4), output_levels=(3, 4),
+TINY_SPACE = sp.SearchSpace(intermediate_levels=(3, 3, 4), output_levels=(3,),
                             level_deltas=(0, 1), window=2)
 TIMEOUT_S = 600
 
@@ -107,6 +109,16 @@ def test_canonical_hash_merges_isomorphic_specs():
   other = SPINENET49[:11] + (SPINENET49[11]._replace(input_offsets=(4, 9)),
                              ) + SPINENET49[12:]
   assert graph.canonical_hash(other) != h
+  # Twins (alike upstream) read by different blocks, then swapped.
+  space = sp.SearchSpace(intermediate_levels=(3, 3, 4), output_levels=(3, 4),
+                         level_deltas=(0,), window=None)
+  b = specs.BlockSpec
+  twins = (b(3, 'bottleneck', (0, 1), False), b(3, 'bottleneck', (0, 1), False))
+  x = twins + (b(4, 'bottleneck', (1, 2), False), b(3, 'bottleneck', (3, 4), True),
+               b(4, 'bottleneck', (4, 5), True))
+  y = twins + (b(4, 'bottleneck', (1, 3), False), b(3, 'bottleneck', (2, 4), True),
+               b(4, 'bottleneck', (4, 5), True))
+  assert graph.canonical_hash(x, space) == graph.canonical_hash(y, space)
   retyped = SPINENET49[:1] + (SPINENET49[1]._replace(block_fn='bottleneck'),
                               ) + SPINENET49[2:]
   assert graph.canonical_hash(retyped) != h
@@ -115,7 +127,9 @@ def test_canonical_hash_merges_isomorphic_specs():
 def test_closed_form_size_equals_enumeration():
   counts = sp.size(TINY_SPACE)
   genotypes = set(sp.enumerate_genotypes(TINY_SPACE))
-  assert counts['total'] == len(genotypes) == 2 * 4 * 2 * 16 * 1 * 1 * 6 * 10
+  # 3 level orders x 2^3 deltas x 1 output order x 2^4 types x 1*1*1*10
+  # parent pairs.
+  assert counts['total'] == len(genotypes) == 3 * 8 * 1 * 16 * 10
   rng = np.random.default_rng(0)
   assert all(sp.sample(rng, TINY_SPACE) in genotypes for _ in range(200))
   hashes = {graph.canonical_hash(g.block_specs(), TINY_SPACE)
@@ -144,7 +158,7 @@ def test_evolution_beats_random_search_on_a_toy_reward():
 # ------------------------------------------------------------ subprocesses
 
 TOY = {'search.objective': 'toy', 'search.heartbeat_s': 1,
-       'search.grace_s': 3, 'search.population_size': 4,
+       'search.grace_s': 10, 'search.population_size': 4,
        'search.tournament_size': 2}
 
 
@@ -173,8 +187,8 @@ def _wait(proc, log_path):
 
 def _records(workdir):
   path = Path(workdir) / 'trials.jsonl'
-  return [json.loads(l) for l in path.read_text().splitlines()] if (
-      path.exists()) else []
+  text = path.read_text() if path.exists() else ''
+  return [json.loads(l) for l in text.split('\n')[:-1]]  # Whole lines.
 
 
 def test_search_killed_and_restarted_never_retrains_a_finished_trial(
@@ -208,7 +222,9 @@ def test_search_killed_and_restarted_never_retrains_a_finished_trial(
 
 def test_two_workers_share_one_storage(tmp_path):
   workdir = tmp_path / 'run'
-  overrides = {**TOY, 'search.num_trials': 4, 'search.toy_seconds': 2.0}
+  overrides = {**TOY, 'search.num_trials': 4, 'search.toy_seconds': 3.0}
+  config = search_shapes.get_config()
+  study.open_study(str(workdir), config.search)  # So both start at once.
   procs = [_search(workdir, overrides, f'w{i}') for i in range(2)]
   for i, p in enumerate(procs):
     _wait(p, tmp_path / f'run.w{i}.log')
@@ -257,3 +273,32 @@ def test_tiny_real_search_end_to_end(tmp_path, data_dir, compile_cache):
   assert config.total_steps == 2
   small = dataclasses.replace(sp.DEFAULT, intermediate_levels=(3, 4))
   sp.to_genotype(namespace['BLOCK_SPECS'], small)
+
+
+def test_workers_claiming_one_network_back_off(tmp_path, monkeypatch):
+  """Two workers propose the same network: the one that looks last (here the
+  earlier trial) proposes again; of two retries of one trial only the
+  earlier runs."""
+  s = study.open_study(str(tmp_path), search_shapes.get_config().search)
+  first, second = s.ask(), s.ask()
+  same = sp.sample(np.random.default_rng(0))
+  real, calls = evolution.propose, []
+
+  def propose(*args, **kwargs):  # Each worker's first proposal is `same`.
+    calls.append(1)
+    return same if len(calls) <= 2 else real(*args, **kwargs)
+
+  monkeypatch.setattr(evolution, 'propose', propose)
+  algorithm = evolution.Algorithm('random', 4, 2)
+  g2 = study._claim(second, s, sp.DEFAULT, algorithm, 0)
+  g1 = study._claim(first, s, sp.DEFAULT, algorithm, 0)
+  assert g2 == same and g1 != same
+  assert first.user_attrs['hash'] != second.user_attrs['hash']
+  for _ in range(2):
+    study.requeue(s, second)
+  retries = [t for t in s.get_trials() if t.state.name == 'WAITING']
+  s.tell(second, 1.0)
+  assert [study._superseded(s, t) for t in retries] == [True, True]
+  s.tell(first, 0.5)
+  assert not study._over_budget(s, retries[0], 3)
+  assert study._over_budget(s, retries[0], 2)

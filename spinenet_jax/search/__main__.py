@@ -21,14 +21,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-import optuna  # noqa: E402
 
+from spinenet_jax import evaluation  # noqa: E402
+from spinenet_jax import models  # noqa: E402
 from spinenet_jax import specs  # noqa: E402
 from spinenet_jax.search import evolution  # noqa: E402
 from spinenet_jax.search import proxy  # noqa: E402
@@ -36,8 +36,6 @@ from spinenet_jax.search import results  # noqa: E402
 from spinenet_jax.search import space as space_lib  # noqa: E402
 from spinenet_jax.search import study as study_lib  # noqa: E402
 from spinenet_jax.search.space import Genotype, SearchSpace  # noqa: E402
-
-warnings.filterwarnings('ignore', category=optuna.exceptions.ExperimentalWarning)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Search config file.',
@@ -67,6 +65,18 @@ def check_config(config, space: SearchSpace) -> None:
   if size % 2 ** top:
     raise ValueError(f'trial.data.image_size={size} must divide by 2**{top} '
                      f'= {2 ** top} (the deepest level a block can have).')
+  model = models.build_model(config.trial)
+  if (space.min_level, space.max_level) != (model.min_level, model.max_level):
+    raise ValueError(
+        f'space.output_levels {space.output_levels} must be the model\'s '
+        f'endpoint levels {model.min_level}..{model.max_level}.')
+  if cfg.metric not in evaluation.COCO_METRICS:
+    raise ValueError(f'search.metric={cfg.metric!r}: expected one of '
+                     f'{evaluation.COCO_METRICS}.')
+  if cfg.grace_s < 2 * cfg.heartbeat_s:
+    raise ValueError(
+        f'search.grace_s={cfg.grace_s} must be at least twice heartbeat_s='
+        f'{cfg.heartbeat_s}, or live workers lose their trials.')
   if cfg.objective == 'toy' and space.num_blocks != 15:
     raise ValueError("objective='toy' measures the distance to SpineNet-49, "
                      'so it needs a 15-block space.')
@@ -114,12 +124,18 @@ def main(argv) -> int:
                       os.path.join(os.path.abspath(workdir), 'xla_cache'))
   study = study_lib.open_study(workdir, config.search)
   reporter = results.Reporter(study, workdir, config.search.num_trials)
+  try:
+    size = f'{space_lib.size(space)["total"]:.3g} genotypes'
+  except ValueError:  # Levels out of range are rejected, not counted.
+    size = 'a space'
   print(f'Search in {workdir}: {reporter.done()} of '
         f'{config.search.num_trials} trials finished; '
-        f'{config.search.algorithm}, space of '
-        f'{space_lib.size(space)["total"]:.3g} genotypes.', flush=True)
-  study_lib.work(study, workdir, config.search, space,
-                 evaluator(config, workdir, space), reporter.line)
+        f'{config.search.algorithm} over {size}.', flush=True)
+  if not study_lib.work(study, workdir, config.search, space,
+                        evaluator(config, workdir, space), reporter.line):
+    print('SIGTERM: the running trial was saved and queued again; run the '
+          'same command to go on.', flush=True)
+    return 0
   results.write(study, workdir, config, space)
   return 0
 

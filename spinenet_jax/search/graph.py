@@ -64,42 +64,52 @@ def prune(block_specs: Sequence[Any], space: SearchSpace = DEFAULT,
   return pruned
 
 
+def _digest(value: Any) -> str:
+  return hashlib.sha256(repr(value).encode()).hexdigest()
+
+
 def canonical_hash(block_specs: Sequence[Any], space: SearchSpace = DEFAULT,
                    filter_size_scale: float = 1.0) -> str:
   """A hash equal for specs that build the same network (16 hex digits).
 
   The built graph (dead blocks pruned, merged blocks as edges) is relabelled
   in a canonical topological order: among the blocks ready to be placed, the
-  one with the smallest structural signature (its level, type, output level
-  and its parents' signatures) goes first. So equal-level swaps, outputs
-  listed in another order and the order of a block's two parents all hash
-  alike.
+  one with the smallest structural signature goes first. A signature holds a
+  block's level, type and output level, its parents' signatures and its
+  consumers' (so that two blocks alike upstream but read by different blocks
+  are told apart). So equal-level swaps, outputs listed in another order and
+  the order of a block's two parents all hash alike. (With stochastic depth
+  on, the spec order also sets each block's drop rate; the hash ignores it.)
   """
-  bs, nodes, endpoints = built_nodes(block_specs, space, filter_size_scale)
+  _, nodes, endpoints = built_nodes(block_specs, space, filter_size_scale)
   num_stem = space.num_stem
   out_level = {f: level for level, f in endpoints.items()}
-  sig: dict[int, str] = {i: f'stem{i}' for i in range(num_stem)}
+  edges = [(j, n.index, kind) for n in nodes
+           for kind, js in (('in', n.inputs), ('merge', n.extras)) for j in js]
+  up: dict[int, str] = {i: f'stem{i}' for i in range(num_stem)}
   for n in nodes:  # Nodes are in topological order.
-    key = (n.level, n.block_fn, out_level.get(n.index),
-           tuple(sorted(sig[j] for j in n.inputs)),
-           tuple(sorted(sig[j] for j in n.extras)))
-    sig[n.index] = hashlib.sha256(repr(key).encode()).hexdigest()
+    up[n.index] = _digest((n.level, n.block_fn, out_level.get(n.index),
+                           sorted(up[j] for j in n.inputs),
+                           sorted(up[j] for j in n.extras)))
+  down: dict[int, str] = {}
+  for k in sorted(up, reverse=True):
+    down[k] = _digest(sorted((kind, up[c], down[c])
+                             for j, c, kind in edges if j == k))
+  sig = {k: (up[k], down[k]) for k in up}
   deps = {n.index: set(n.inputs) | set(n.extras) for n in nodes}
   placed = {i: i for i in range(num_stem)}
-  todo = {n.index: n for n in nodes}
+  todo = {n.index for n in nodes}
   while todo:
-    ready = [k for k in todo if deps[k] <= placed.keys()]
-    k = min(ready, key=lambda k: (sig[k], k))
+    k = min((k for k in todo if deps[k] <= placed.keys()),
+            key=lambda k: (sig[k], k))
     placed[k] = len(placed)
-    del todo[k]
+    todo.remove(k)
   by_index = {n.index: n for n in nodes}
-  order = sorted(by_index, key=placed.get)
   encoded = [(by_index[k].level, by_index[k].block_fn, out_level.get(k),
-              tuple(sorted(placed[j] for j in by_index[k].inputs)),
-              tuple(sorted(placed[j] for j in by_index[k].extras)))
-             for k in order]
-  return hashlib.sha256(repr((space.family, encoded)).encode()
-                        ).hexdigest()[:16]
+              sorted(placed[j] for j in by_index[k].inputs),
+              sorted(placed[j] for j in by_index[k].extras))
+             for k in sorted(by_index, key=placed.get)]
+  return _digest((space.family, encoded))[:16]
 
 
 def distance(a: Sequence[Any], b: Sequence[Any]) -> int:

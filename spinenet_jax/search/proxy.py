@@ -22,6 +22,10 @@ from spinenet_jax import models
 from spinenet_jax import summary
 
 
+class Preempted(Exception):
+  """SIGTERM stopped the training after saving a checkpoint."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
   """What one proxy training measured."""
@@ -76,7 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   t0 = time.time()
   macs, params = size_of(config)
   os.makedirs(workdir, exist_ok=True)
-  error, metrics = None, {}
+  error, metrics, out = None, {}, {}
   with open(os.path.join(workdir, 'train.log'), 'a') as log, \
       contextlib.redirect_stdout(log):
     try:
@@ -85,6 +89,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                  if isinstance(v, (int, float))}
     except train_lib.NonFiniteLossError as e:
       error = str(e)
+  if out.get('preempted'):
+    raise Preempted(f'SIGTERM at step {out["step"]}; saved in {workdir}.')
   if error is None and metric not in metrics:
     raise KeyError(f'The trial reported no {metric!r} (it has '
                    f'{sorted(metrics)}); set config.search.metric.')

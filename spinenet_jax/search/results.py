@@ -84,7 +84,7 @@ def specs_literal(block_specs: list) -> str:
 
 def best_config_text(t: optuna.trial.FrozenTrial, config: Any) -> str:
   """`best_block_specs.py`: the specs and a training config that uses them."""
-  literal = specs_literal(t.user_attrs['block_specs'])
+  literal = specs_literal(study_lib.claim_of(t)['block_specs'])
   return f'''"""Best of a SpineNet search: trial {t.number}, hash {t.user_attrs['hash']}, \
 reward {t.value:.4f}.
 
@@ -120,9 +120,9 @@ def write(study: optuna.Study, workdir: str, config: Any,
   _atomic_write(os.path.join(workdir, 'best_block_specs.json'), json.dumps({
       'model_id': config.trial.model.model_id, 'trial': b.number,
       'hash': b.user_attrs['hash'], 'reward': b.value,
-      'block_specs': b.user_attrs['block_specs'],
+      'block_specs': study_lib.claim_of(b)['block_specs'],
       'top': [{'trial': t.number, 'hash': t.user_attrs['hash'],
-               'reward': t.value, 'block_specs': t.user_attrs['block_specs']}
+               'reward': t.value, 'block_specs': study_lib.claim_of(t)['block_specs']}
               for t in best]}, indent=1) + '\n')
   _atomic_write(os.path.join(workdir, 'best_block_specs.py'),
                 best_config_text(b, config))
@@ -130,11 +130,13 @@ def write(study: optuna.Study, workdir: str, config: Any,
                          else '49')
   print(f'Best {len(best)} of {len(study_lib.finished(study))} trials:')
   for rank, t in enumerate(best, 1):
-    g = draw.graph(config.trial.model.model_id, t.user_attrs['block_specs'],
+    g = draw.graph(config.trial.model.model_id, study_lib.claim_of(t)['block_specs'],
                    space.min_level, space.max_level,
                    title=f'#{rank}: trial {t.number}, reward {t.value:.4f}')
     path = os.path.join(workdir, f'top{rank}_vs_spinenet49.png')
-    d = draw.draw_diff(g, reference, path)
+    tmp = f'{path}.{os.getpid()}.png'  # Workers finishing together.
+    d = draw.draw_diff(g, reference, tmp)
+    os.replace(tmp, path)
     print(f'  #{rank} trial {t.number} {t.user_attrs["hash"]} reward '
           f'{t.value:.4f}: {path} ({d.summary} from SpineNet-49)')
   print(f'Wrote {workdir}/best_block_specs.py and best_block_specs.json.')

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -26,6 +27,7 @@ from optuna.trial import TrialState
 
 from spinenet_jax.search import evolution
 from spinenet_jax.search import graph
+from spinenet_jax.search.proxy import Preempted
 from spinenet_jax.search.space import Genotype, SearchSpace
 
 Evaluate = Callable[[Genotype, optuna.Trial], dict[str, Any]]
@@ -50,7 +52,8 @@ def open_study(workdir: str, cfg: Any) -> optuna.Study:
       return optuna.create_study(study_name='spinenet_search',
                                  storage=storage, direction='maximize',
                                  load_if_exists=True)
-    except sqlalchemy.exc.SQLAlchemyError:
+    except (sqlalchemy.exc.SQLAlchemyError,
+            optuna.exceptions.StorageInternalError):
       # Workers starting together race to create the tables or the study;
       # the loser finds them made.
       if attempt == 4:
@@ -66,42 +69,51 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def history(study: optuna.Study, space: SearchSpace) -> list[evolution.Trial]:
   """The finished trials as the algorithms see them."""
-  return [evolution.Trial(genotype_of(t), float(t.value), t.user_attrs['hash'])
+  return [evolution.Trial(genotype_of(t), float(t.value), claim_of(t)['hash'])
           for t in finished(study)]
 
 
+def claim_of(t: optuna.trial.FrozenTrial | optuna.Trial) -> dict[str, Any]:
+  """{'genotype', 'block_specs', 'hash'} of a trial that claimed a network."""
+  return t.user_attrs['claim']
+
+
 def genotype_of(t: optuna.trial.FrozenTrial | optuna.Trial) -> Genotype:
-  g = t.user_attrs['genotype']
+  g = claim_of(t)['genotype']
   return Genotype(tuple(g['base_levels']), tuple(g['deltas']),
                   tuple(g['output_levels']), tuple(g['block_fns']),
                   tuple(tuple(p) for p in g['parents']))
+
+
+def _live(t: optuna.trial.FrozenTrial) -> bool:
+  return t.state not in (TrialState.FAIL, TrialState.PRUNED)
 
 
 def _claim(trial: optuna.Trial, study: optuna.Study, space: SearchSpace,
            algorithm: evolution.Algorithm, seed: int) -> Genotype:
   """The new trial's genotype, unique among the study's networks.
 
-  Workers write their proposal, then look: of two trials with one network
-  the later-numbered proposes again, so no network is trained twice.
+  A worker writes its proposal's hash, then looks: if any other live trial
+  has that hash it proposes again (so does the other, if it looked later),
+  so no network is trained twice. Only then is the claim written, in one
+  attribute, so a retry never sees half of it.
   """
   for attempt in range(evolution.MAX_TRIES):
-    others = [t for t in study.get_trials(deepcopy=False)
-              if t.number != trial.number and 'hash' in t.user_attrs
-              and t.state != TrialState.FAIL]
-    seen = frozenset(t.user_attrs['hash'] for t in others)
+    seen = frozenset(t.user_attrs['hash'] for t in study.get_trials(
+        deepcopy=False) if t.number != trial.number and _live(t)
+                     and 'hash' in t.user_attrs)
     rng = np.random.default_rng([seed, trial.number, attempt])
     g = evolution.propose(history(study, space), rng, algorithm, space, seen)
     h = graph.canonical_hash(g.block_specs(), space)
-    trial.set_user_attr('genotype', {
-        'base_levels': g.base_levels, 'deltas': g.deltas,
-        'output_levels': g.output_levels, 'block_fns': g.block_fns,
-        'parents': g.parents})
-    trial.set_user_attr('block_specs', [list(s) for s in g.block_specs()])
     trial.set_user_attr('hash', h)
-    clash = [t for t in study.get_trials(deepcopy=False)
-             if t.number < trial.number and t.user_attrs.get('hash') == h
-             and t.state != TrialState.FAIL]
-    if not clash:
+    if not any(t.number != trial.number and _live(t) and
+               t.user_attrs.get('hash') == h
+               for t in study.get_trials(deepcopy=False)):
+      trial.set_user_attr('claim', {
+          'hash': h, 'block_specs': [list(s) for s in g.block_specs()],
+          'genotype': {'base_levels': g.base_levels, 'deltas': g.deltas,
+                       'output_levels': g.output_levels,
+                       'block_fns': g.block_fns, 'parents': g.parents}})
       return g
   raise RuntimeError(f'Trial {trial.number}: no unclaimed network in '
                      f'{evolution.MAX_TRIES} proposals.')
@@ -115,6 +127,22 @@ def _over_budget(study: optuna.Study, trial: optuna.Trial,
   return done + ahead >= num_trials
 
 
+def _superseded(study: optuna.Study, trial: optuna.Trial) -> bool:
+  """A retry whose network another live, earlier trial already has (two
+  workers may both fail one stale trial and queue two retries)."""
+  h = claim_of(trial)['hash']
+  return any(t.number < trial.number and _live(t) and
+             t.user_attrs.get('hash') == h
+             for t in study.get_trials(deepcopy=False))
+
+
+def requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+  """Queues `trial`'s network again (as the heartbeat retry does)."""
+  study.add_trial(optuna.create_trial(
+      state=TrialState.WAITING, user_attrs=dict(trial.user_attrs),
+      system_attrs={'failed_trial': trial.number}))
+
+
 def _append_jsonl(path: str, record: dict[str, Any]) -> None:
   with open(path, 'a') as f:
     f.write(json.dumps(record) + '\n')
@@ -125,11 +153,12 @@ def _append_jsonl(path: str, record: dict[str, Any]) -> None:
 def work(study: optuna.Study, workdir: str, cfg: Any, space: SearchSpace,
          evaluate: Evaluate, report: Callable[[optuna.trial.FrozenTrial],
                                               None] = lambda t: None,
-         poll_s: float = 2.0) -> None:
+         poll_s: float = 2.0) -> bool:
   """Runs trials until the study has `cfg.num_trials` finished ones.
 
-  `evaluate(genotype, trial)` returns {'reward', ...}; every other entry is
-  stored with the trial. `report` sees each trial this worker finishes.
+  `evaluate(genotype, trial)` returns {'reward', ...}, all stored with the
+  trial, or raises Preempted. `report` sees each trial this worker finishes.
+  Returns True when the budget is done, False when preempted.
   """
   algorithm = evolution.Algorithm(cfg.algorithm, cfg.population_size,
                                   cfg.tournament_size, cfg.reject_dead)
@@ -140,22 +169,32 @@ def work(study: optuna.Study, workdir: str, cfg: Any, space: SearchSpace,
 
   def objective(trial: optuna.Trial) -> float:
     current.append(trial.number)
-    if 'genotype' in trial.user_attrs:  # A retry of a lost worker's trial.
+    if 'claim' in trial.user_attrs:  # A retry of a lost worker's trial.
+      if 'reward' in trial.user_attrs:  # It finished; only the tell was lost.
+        return float(trial.user_attrs['reward'])
+      if _superseded(study, trial) or _over_budget(study, trial,
+                                                   cfg.num_trials):
+        raise optuna.TrialPruned('another trial has this network or the budget')
       g = genotype_of(trial)
     else:
       if _over_budget(study, trial, cfg.num_trials):
         raise optuna.TrialPruned('the budget is taken by other trials')
       g = _claim(trial, study, space, algorithm, cfg.seed)
     trial.set_user_attr('worker', worker)
-    out = evaluate(g, trial)
+    try:
+      out = evaluate(g, trial)
+    except Preempted:
+      requeue(study, trial)
+      raise
     for k, v in out.items():
       if k != 'reward':
         trial.set_user_attr(k, v)
     _append_jsonl(log_path, {
-        'trial': trial.number, 'hash': trial.user_attrs['hash'],
+        'trial': trial.number, 'hash': claim_of(trial)['hash'],
         'reward': out['reward'], 'worker': worker,
-        'block_specs': trial.user_attrs['block_specs'],
+        'block_specs': claim_of(trial)['block_specs'],
         **{k: v for k, v in out.items() if k != 'reward'}})
+    trial.set_user_attr('reward', out['reward'])  # Last: the log has it.
     return float(out['reward'])
 
   while True:
@@ -165,12 +204,17 @@ def work(study: optuna.Study, workdir: str, cfg: Any, space: SearchSpace,
     waiting = any(t.state == TrialState.WAITING for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
     if done >= cfg.num_trials:
-      return
+      return True
     if not waiting and done + running >= cfg.num_trials:
-      time.sleep(poll_s)  # The rest are running elsewhere (or lost).
+      # The rest run elsewhere, or are lost and become stale after grace_s.
+      # (Optuna cannot see a worker killed before its first heartbeat.)
+      time.sleep(poll_s)
       continue
     current.clear()
-    study.optimize(objective, n_trials=1, catch=())
+    try:
+      study.optimize(objective, n_trials=1, catch=())
+    except Preempted:
+      return False
     if current:
       t = study.get_trials(deepcopy=False)[current[0]]
       if t.state == TrialState.COMPLETE:
@@ -178,3 +222,6 @@ def work(study: optuna.Study, workdir: str, cfg: Any, space: SearchSpace,
 
 
 logging.getLogger('optuna').setLevel(logging.WARNING)
+# Heartbeats and stale-trial retries are marked experimental (since 2.8).
+warnings.filterwarnings('ignore',
+                        category=optuna.exceptions.ExperimentalWarning)
