@@ -115,7 +115,7 @@ def kendall_tau(x, y) -> float:
 def stage_long(workdir: Path, scale: float, search: dict) -> dict:
   named = [('scale_decreased_r50', scale_decreased_seed()),
            ('spinenet49_proxy', SPINENET49),
-           *((f'random{i}', s) for i, s in enumerate(random_specs(2)))]
+           *((f'random{i}', s) for i, s in enumerate(random_specs(3)))]
   named += [(f'{a}_best', search[a]['block_specs']) for a in search]
   rows = {}
   for name, bs in named:
