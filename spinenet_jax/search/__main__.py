@@ -54,7 +54,7 @@ def check_config(config, space: SearchSpace) -> None:
                      "or 'toy'.")
   if cfg.num_trials < 1:
     raise ValueError(f'search.num_trials={cfg.num_trials}: need at least 1.')
-  mobile = str(config.trial.model.model_id).endswith('_mobile')
+  mobile = specs.is_mobile(config.trial.model.model_id)
   if mobile != (space.family == 'spinenet_mobile'):
     raise ValueError(
         f'space.family={space.family!r} but trial.model.model_id='

@@ -48,6 +48,17 @@ def _swap(values: tuple, rng: np.random.Generator) -> tuple | None:
   return tuple(out)
 
 
+def _redraw(values: tuple, options: Sequence, rng: np.random.Generator
+            ) -> tuple | None:
+  """`values` with one entry replaced by another of `options`, or None."""
+  i = int(rng.integers(len(values)))
+  choices = [o for o in options if o != values[i]]
+  if not choices:
+    return None
+  new = type(values[i])(rng.choice(choices))
+  return values[:i] + (new,) + values[i + 1:]
+
+
 def mutate_once(g: Genotype, op: str, rng: np.random.Generator,
                 space: SearchSpace = DEFAULT) -> Genotype | None:
   """`g` with one gene changed by `op`, or None where `op` cannot apply."""
@@ -68,27 +79,17 @@ def mutate_once(g: Genotype, op: str, rng: np.random.Generator,
     return dataclasses.replace(
         g, parents=g.parents[:j] + (new,) + g.parents[j + 1:])
   if op == 'delta':
-    i = int(rng.integers(len(g.deltas)))
-    choices = [d for d in space.level_deltas if d != g.deltas[i]]
-    if not choices:
-      return None
-    d = int(rng.choice(choices))
-    return dataclasses.replace(g, deltas=g.deltas[:i] + (d,) + g.deltas[i + 1:])
+    deltas = _redraw(g.deltas, space.level_deltas, rng)
+    return deltas and dataclasses.replace(g, deltas=deltas)
   if op == 'block_fn':
-    j = int(rng.integers(len(g.block_fns)))
-    choices = [f for f in space.block_fns if f != g.block_fns[j]]
-    if not choices:
-      return None
-    f = str(rng.choice(choices))
-    return dataclasses.replace(
-        g, block_fns=g.block_fns[:j] + (f,) + g.block_fns[j + 1:])
+    fns = _redraw(g.block_fns, space.block_fns, rng)
+    return fns and dataclasses.replace(g, block_fns=fns)
   raise ValueError(f'Unknown mutation {op!r}; known: {sorted(MUTATIONS)}.')
 
 
 def acceptable(g: Genotype, space: SearchSpace, reject_dead: bool) -> bool:
   """Inside the space's level range and, when asked, without dead blocks."""
-  if not all(space.min_block_level <= l <= space.max_block_level
-             for l in g.levels()):
+  if not space.in_range(g.levels()):
     return False
   return not (reject_dead and graph.dead_blocks(g.block_specs(), space))
 

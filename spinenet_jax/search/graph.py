@@ -32,8 +32,7 @@ def dead_blocks(block_specs: Sequence[Any], space: SearchSpace = DEFAULT,
   return tuple(j for j in range(len(bs)) if j not in live)
 
 
-def _structure(nodes: Sequence[Node], num_stem: int,
-               index: dict[int, int]) -> list[tuple]:
+def _structure(nodes: Sequence[Node], index: dict[int, int]) -> list[tuple]:
   return [(n.level, n.block_fn, tuple(index[j] for j in n.inputs),
            tuple(sorted(index[j] for j in n.extras))) for n in nodes]
 
@@ -53,11 +52,10 @@ def prune(block_specs: Sequence[Any], space: SearchSpace = DEFAULT,
   pruned = tuple(BlockSpec(bs[n.spec_index].level, n.block_fn,
                            tuple(index[j] for j in n.inputs),
                            bs[n.spec_index].is_output) for n in nodes)
-  _, again, _ = FAMILIES[space.family].plan(
-      pruned, filter_size_scale, space.min_level, space.max_level)
+  _, again, _ = built_nodes(pruned, space, filter_size_scale)
   same = {i: i for i in range(num_stem + len(pruned))}
-  if len(again) != len(nodes) or _structure(again, num_stem, same) != (
-      _structure(nodes, num_stem, index)):
+  if len(again) != len(nodes) or _structure(again, same) != (
+      _structure(nodes, index)):
     raise ValueError('Pruning the dead blocks would change which unused '
                      'blocks are merged into outputs; build these specs as '
                      'they are.')

@@ -78,6 +78,11 @@ class SearchSpace:
   def max_level(self) -> int:
     return max(self.output_levels)
 
+  def in_range(self, levels: Sequence[int]) -> bool:
+    """Whether every level is in min_block_level..max_block_level."""
+    return all(self.min_block_level <= l <= self.max_block_level
+               for l in levels)
+
   def candidates(self, j: int) -> range:
     """Feature indices block `j` may take as parents."""
     k = j + self.num_stem
@@ -142,8 +147,7 @@ def sample(rng: np.random.Generator, space: SearchSpace = DEFAULT) -> Genotype:
   while True:
     base = tuple(int(v) for v in rng.permutation(space.intermediate_levels))
     deltas = tuple(int(rng.choice(space.level_deltas)) for _ in base)
-    if all(space.min_block_level <= b + d <= space.max_block_level
-           for b, d in zip(base, deltas)):
+    if space.in_range([b + d for b, d in zip(base, deltas)]):
       break
   outs = tuple(int(v) for v in rng.permutation(space.output_levels))
   fns = tuple(str(rng.choice(space.block_fns))
@@ -223,8 +227,7 @@ def to_genotype(block_specs: Sequence[Any],
         f'Intermediate levels {levels} are not the seed '
         f'{space.intermediate_levels} permuted, each moved by one of '
         f'{space.level_deltas}.')
-  if not all(space.min_block_level <= l <= space.max_block_level
-             for l in levels):
+  if not space.in_range(levels):
     raise ValueError(f'Intermediate levels {levels} leave '
                      f'{space.min_block_level}..{space.max_block_level}.')
   return Genotype(split[0], split[1], outs, tuple(s.block_fn for s in bs),
@@ -246,8 +249,8 @@ def size(space: SearchSpace = DEFAULT) -> dict[str, int]:
   different seed-plus-delta choices can give the same levels, and
   `graph.canonical_hash` merges isomorphic ones.
   """
-  if any(not space.min_block_level <= l + d <= space.max_block_level
-         for l in space.intermediate_levels for d in space.level_deltas):
+  if not space.in_range([l + d for l in space.intermediate_levels
+                         for d in space.level_deltas]):
     raise ValueError('size() assumes every seed level with every delta stays '
                      'inside min_block_level..max_block_level.')
   out = {

@@ -67,7 +67,7 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
   return sorted(done, key=lambda t: (t.datetime_complete, t.number))
 
 
-def history(study: optuna.Study, space: SearchSpace) -> list[evolution.Trial]:
+def history(study: optuna.Study) -> list[evolution.Trial]:
   """The finished trials as the algorithms see them."""
   return [evolution.Trial(genotype_of(t), float(t.value), claim_of(t)['hash'])
           for t in finished(study)]
@@ -103,7 +103,7 @@ def _claim(trial: optuna.Trial, study: optuna.Study, space: SearchSpace,
         deepcopy=False) if t.number != trial.number and _live(t)
                      and 'hash' in t.user_attrs)
     rng = np.random.default_rng([seed, trial.number, attempt])
-    g = evolution.propose(history(study, space), rng, algorithm, space, seen)
+    g = evolution.propose(history(study), rng, algorithm, space, seen)
     h = graph.canonical_hash(g.block_specs(), space)
     trial.set_user_attr('hash', h)
     if not any(t.number != trial.number and _live(t) and
