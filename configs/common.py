@@ -63,6 +63,9 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       model_id='49', activation='swish', stochastic_depth_rate=0.0,
       bn_momentum=0.99, bn_epsilon=1e-3,
+      # How kxk convolutions are lowered: 'auto' (im2col matmuls for small
+      # feature maps on CPU), 'xla' or 'im2col' (spinenet_jax/conv_impl.py).
+      conv_impl='auto',
       # None: from the model id's scaling map; typed so that they can be set
       # from the command line (--config.model.filter_size_scale=0.25).
       endpoints_num_filters=config_dict.placeholder(int),

@@ -42,6 +42,7 @@ class RetinaNetHead(nn.Module):
   # glorot-uniform inits) for the tower convs and both predictors, as Model
   # Garden's `use_separable_conv` (SpineNet-Mobile).
   use_separable_conv: bool = False
+  conv_impl: str = 'auto'  # How the 3x3 convs are lowered (`conv_impl.py`).
 
   def _conv(self, features: int, kernel_init: Callable, bias_init: Callable,
             name: str) -> nn.Module:
@@ -49,7 +50,8 @@ class RetinaNetHead(nn.Module):
       return layers.SeparableConv(features, 3, bias_init=bias_init,
                                   dtype=self.dtype, name=name)
     return layers.Conv(features, 3, use_bias=True, kernel_init=kernel_init,
-                       bias_init=bias_init, dtype=self.dtype, name=name)
+                       bias_init=bias_init, dtype=self.dtype,
+                       impl=self.conv_impl, name=name)
 
   def _tower(self, feats: dict[int, jax.Array], name: str, out: int,
              bias_init: Callable, train: bool) -> dict[int, jax.Array]:

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spinenet_jax import conv_impl
+
 Dtype = Any
 ModuleDef = Any  # A Module class or a functools.partial of one.
 
@@ -62,7 +64,8 @@ class Conv(nn.Module):
 
   1x1 convolutions run as a matmul over channels: on XLA:CPU that is several
   times faster than `conv_general_dilated` (benchmarks/README.md) and the same
-  on TPU/GPU.
+  on TPU/GPU. `impl` lowers kxk convolutions (`conv_impl.conv`: 'auto' runs
+  small feature maps as im2col matmuls on CPU).
   """
   features: int
   kernel_size: int = 1
@@ -71,6 +74,7 @@ class Conv(nn.Module):
   kernel_init: Callable = conv_kernel_init
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,9 +87,7 @@ class Conv(nn.Module):
         x = x[:, ::s, ::s, :]
       y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
     else:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (s, s), 'SAME',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = conv_impl.conv(x, kernel, s, self.impl)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -167,10 +169,12 @@ class LayerDefs(NamedTuple):
 
 def layer_defs(activation: str, dtype: Dtype = jnp.float32,
                bn_momentum: float = 0.99,
-               bn_epsilon: float = 1e-3) -> LayerDefs:
-  """The `LayerDefs` of a network in `dtype` with these batch norm settings."""
+               bn_epsilon: float = 1e-3,
+               conv_impl: str = 'auto') -> LayerDefs:
+  """The `LayerDefs` of a network in `dtype` with these batch norm settings
+  and kxk convolutions lowered by `conv_impl` (see `Conv`)."""
   return LayerDefs(
-      activation, functools.partial(Conv, dtype=dtype),
+      activation, functools.partial(Conv, dtype=dtype, impl=conv_impl),
       functools.partial(BatchNorm, momentum=bn_momentum, epsilon=bn_epsilon,
                         dtype=dtype),
       functools.partial(DepthwiseConv, dtype=dtype))

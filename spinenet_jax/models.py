@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spinenet_jax import conv_impl
 from spinenet_jax import heads
 from spinenet_jax import specs as specs_lib
 from spinenet_jax.detection import anchors as anchors_lib
@@ -57,6 +58,9 @@ class _WithBackbone(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
+  # How kxk convolutions are lowered: 'auto' (im2col matmuls for small maps
+  # on CPU, XLA's convolution otherwise), 'xla' or 'im2col' (`conv_impl.py`).
+  conv_impl: str = 'auto'
 
   _resize_fallback = False  # Not a field: the backbone's, fixed per model.
 
@@ -140,7 +144,8 @@ class RetinaNet(_WithBackbone):
         use_separable_conv=(
             getattr(s, 'head_use_separable_conv', False)
             if self.head_use_separable_conv is None
-            else self.head_use_separable_conv), **kwargs)
+            else self.head_use_separable_conv),
+        conv_impl=self.conv_impl, **kwargs)
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False
@@ -204,4 +209,5 @@ def build_model(config: Any) -> RetinaNet | Classifier:
     if kwargs.get(key) is not None:
       kwargs[key] = tuple(kwargs[key])
   kwargs['dtype'] = get_dtype(config.get('dtype', 'float32'))
+  conv_impl.check(kwargs.get('conv_impl', 'auto'))
   return cls(**kwargs)

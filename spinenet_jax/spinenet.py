@@ -59,6 +59,7 @@ class ScalePermutedNetwork(nn.Module):
   bn_epsilon: float = 1e-3
   resize_fallback: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'  # How kxk convs are lowered (`conv_impl.py`).
 
   family = specs_lib.SPINENET  # Not a field: fixed per subclass.
 
@@ -99,7 +100,7 @@ class ScalePermutedNetwork(nn.Module):
     if not self.resize_fallback:
       check_input_size(x.shape, 2**top, f'SpineNet-{self.model_id}')
     defs = layers.layer_defs(self.setting('activation'), self.dtype,
-                             self.bn_momentum, self.bn_epsilon)
+                             self.bn_momentum, self.bn_epsilon, self.conv_impl)
     height, width = x.shape[1:3]
 
     feats = dict(enumerate(self._stem(x, train, defs)))
