@@ -85,16 +85,20 @@ def category(name: str, instrs: dict, comps: dict) -> str:
     op, kline = kernel
     out = _dims(kline.split('=', 1)[1].split(' ', 2)[1])
     window = re.search(r'window=\{size=(\d+)x', kline)
+    # Kernel gradients have a kernel's shape ([k, k, C, D] or XLA's
+    # [C, k, k, D]) and sometimes no metadata at all; forward convs always
+    # carry their op_name.
     if op == 'dot':
       k, grad = 1, len(out) == 2
     else:
       k = int(window.group(1)) if window else 1
       filt = [d for d in (3, 5, 7) if out[1:3] == [d, d] or out[:2] == [d, d]]
-      grad = bool(filt) and k not in filt
+      grad = bool(filt) and (back or not op_name)
       k = filt[0] if grad else k
     where = 'head ' if '/head/' in op_name else ''
-    what = 'forward' if not back else ('filter-grad' if grad else 'input-grad')
-    return f'{where}conv {k}x{k} {what}'
+    what = ('filter-grad' if grad else 'input-grad' if back else 'forward')
+    shape = 'kxk im2col' if 'bhwk,kd' in op_name else f'{k}x{k}'
+    return f'{where}conv {shape} {what}'
   if re.search(r'/norm[\w]*/', op_name) or '/bn/' in op_name:
     return 'batch norm' + (' backward' if back else '')
   if 'silu' in op_name or 'swish' in op_name:
