@@ -20,7 +20,8 @@ Cases:
   train640    one training step, 640x640, batch 2
 
 Training steps are each side's real RetinaNet step on the same images and
-ground truth: ours is `train_lib.make_train_step` on `configs/spinenet49_coco.py`
+ground truth: ours is `train_lib.make_train_step` on the COCO recipe
+(`configs/spinenet49_coco.py`, float32)
 (targets assigned on device, focal + Huber loss, weight decay, SGD momentum);
 Model Garden's is its RetinaNet task's loss (`FocalLoss` + `Huber`, each /
 (positives + 1)) with L2 kernel regularisers and SGD momentum in a
@@ -78,25 +79,32 @@ def ours_program(case: str, conv_impl: str = 'auto'):
   """(jitted fn, args, advance) of our side of `case`: `fn(*args)` runs it
   once; `advance(out, args)` gives the next call's args (a train step's new
   state)."""
+  kind, size, batch = _case(case)
+  return build_program(kind, '49', size, batch, 'float32', conv_impl)
+
+
+def build_program(kind: str, model_id: str, size: int, batch: int,
+                  dtype: str = 'float32', conv_impl: str = 'auto'):
+  """Our RetinaNet program `kind` ('forward', 'infer', 'train') of
+  `model_id`'s COCO recipe at `size` px and global `batch` (data-parallel
+  over all devices when training), as (jitted fn, args, advance)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from configs import spinenet49_coco  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
   from spinenet_jax import models, optim, sharding, train_lib  # pylint: disable=g-import-not-at-top
   from spinenet_jax.detection import postprocess  # pylint: disable=g-import-not-at-top
 
-  kind, size, batch = _case(case)
-  config = spinenet49_coco.get_config()
-  config.dtype = 'float32'
+  config = common.coco_recipe(model_id, image_size=size)
+  config.dtype = dtype
   config.model.stochastic_depth_rate = 0.0
   config.model.num_classes = NUM_CLASSES
-  config.data.image_size = size
   config.batch_size = batch
   config.optimizer.ema_decay = 0.0
   config.model.conv_impl = conv_impl
   model = models.build_model(config)
   x = jnp.asarray(_images(batch, size))
   if kind in ('forward', 'infer'):
-    variables = jax.jit(lambda: model.init(jax.random.key(0), x))()
+    variables = jax.jit(lambda: model.init(jax.random.key(0), x[:1]))()
     anchors = model.anchors(size)
 
     def infer(variables, x):
