@@ -462,6 +462,19 @@ def test_detect_per_image_clip_and_errors():
                        anchors[:-1], 128)
 
 
+def test_detect_takes_traced_anchors():
+  """Anchors as an argument of the jitted caller give the same detections."""
+  rng = np.random.default_rng(9)
+  outputs = fake_outputs(rng, 128, 3, 2)
+  anchors = anchors_lib.multilevel_anchors(128)
+  want = jax.jit(lambda c, b: postprocess.detect(c, b, anchors, 128))(
+      outputs['cls_outputs'], outputs['box_outputs'])
+  got = jax.jit(lambda c, b, a: postprocess.detect(c, b, a, 128))(
+      outputs['cls_outputs'], outputs['box_outputs'], jnp.asarray(anchors))
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key])
+
+
 # ------------------------------------------------------------------ sharding
 @pytest.mark.parametrize('axis_type', ['explicit', 'auto'])
 def test_sharded_matches_unsharded(axis_type):

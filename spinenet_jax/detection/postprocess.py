@@ -224,7 +224,9 @@ def detect(cls_outputs: Array | Mapping[Any, Array],
       the head's per-level dict `{level: [B, H, W, A * C]}` (preferred: the
       levels are never concatenated).
     box_outputs: `[B, N, 4]` (dy, dx, dh, dw), or the per-level dict.
-    anchors: `[N, 4]` yxyx anchors (`anchors.multilevel_anchors`).
+    anchors: `[N, 4]` yxyx anchors (`anchors.multilevel_anchors`): a NumPy
+      array (a constant of the compiled program) or a jax.Array, also a
+      traced argument of a jitted caller.
     image_size: clip window: an int, `(height, width)`, or `[B, 2]` per image
       (e.g. the unpadded size of each resized image).
     pre_nms_top_k: number of (anchor, class) candidates entering NMS.
@@ -263,8 +265,8 @@ def detect(cls_outputs: Array | Mapping[Any, Array],
     raise ValueError(f'image_size must be an int, (height, width) or [B, 2]; '
                      f'got shape {size.shape}')
   splits = np.cumsum([c.shape[1] for c in cls_levels])[:-1]
-  anchor_levels = [jnp.asarray(a, jnp.float32)
-                   for a in np.split(np.asarray(anchors), splits)]
+  # jnp.split, not np.split: `anchors` may be a traced jax.Array under jit.
+  anchor_levels = jnp.split(jnp.asarray(anchors, jnp.float32), splits)
   ref = cls_levels[0]
   box_levels = [sharding_utils.batch_like(b, ref) for b in box_levels]
   cls_levels = [sharding_utils.batch_like(c, ref) for c in cls_levels]
