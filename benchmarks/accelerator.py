@@ -1,7 +1,7 @@
 """Training throughput and inference latency on an accelerator (or CPU).
 
-  python -P benchmarks/accelerator.py            # the full table (a GPU/TPU)
-  python -P benchmarks/accelerator.py --quick    # small cases, < 5 min on CPU
+  python benchmarks/accelerator.py            # the full table (a GPU/TPU)
+  python benchmarks/accelerator.py --quick    # small cases, < 5 min on CPU
 
 Training: our real RetinaNet step (`vs_model_garden.build_program`: the
 COCO recipe, on-device targets, focal + Huber, weight decay, SGD momentum),
@@ -17,13 +17,12 @@ A case that runs out of memory is reported as OOM and the run goes on.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import time
 
 import jax
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+import vs_model_garden  # benchmarks/, beside this script
+
 
 # Dense peak TFLOP/s per chip in bfloat16 (vendor data sheets), by
 # `device_kind` prefix; override with --peak_tflops.
@@ -37,14 +36,6 @@ FULL_TRAIN = [('49', 640, (8, 16, 32)), ('96', 1024, (4, 8)),
 FULL_INFER = [('49', 640, (1, 8)), ('96', 1024, (1, 8)), ('190', 1280, (1, 8))]
 QUICK_TRAIN = [('49S', 256, (2,))]
 QUICK_INFER = [('49S', 256, (1,))]
-
-
-def _programs():
-  spec = importlib.util.spec_from_file_location(
-      'vs_model_garden', os.path.join(_HERE, 'vs_model_garden.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _peak_tflops(flag: float | None) -> float | None:
@@ -103,7 +94,6 @@ def main() -> None:
                  help='Chip peak TFLOP/s in --dtype (default: by device).')
   args = p.parse_args()
   iters = args.iters or (3 if args.quick else 10)
-  programs = _programs()
   n = jax.local_device_count()
   peak = _peak_tflops(args.peak_tflops)
   print(f'{n} x {jax.devices()[0].device_kind} ({jax.default_backend()}), '
@@ -117,7 +107,7 @@ def main() -> None:
     macs = _macs(model_id, size)
     for per_device in batches:
       label = f'{model_id}@{size}, {per_device}/device x {n}'
-      res = _run(label, lambda: programs.build_program(
+      res = _run(label, lambda: vs_model_garden.build_program(
           'train', model_id, size, per_device * n, args.dtype), iters)
       if res is None:
         continue
@@ -136,7 +126,7 @@ def main() -> None:
   for model_id, size, batches in QUICK_INFER if args.quick else FULL_INFER:
     for batch in batches:
       label = f'{model_id}@{size}, batch {batch}'
-      res = _run(label, lambda: programs.build_program(
+      res = _run(label, lambda: vs_model_garden.build_program(
           'infer', model_id, size, batch, args.dtype), iters)
       if res is not None:
         first, t = res

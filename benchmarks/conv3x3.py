@@ -1,6 +1,6 @@
 """kxk convolutions on XLA:CPU: `conv_general_dilated` vs an im2col matmul.
 
-  python -P benchmarks/conv3x3.py [--grad]
+  python benchmarks/conv3x3.py [--grad]
 
 For SpineNet's convolution shapes (batch 2 at 256 px training, batch 1 at
 640 px inference; large maps and the head's small ones), prints the median

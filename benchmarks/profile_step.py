@@ -1,6 +1,6 @@
 """Where our SpineNet-49 RetinaNet spends its time on XLA:CPU, by op category.
 
-  python -P benchmarks/profile_step.py [--case=train256] [--iters=3]
+  python benchmarks/profile_step.py [--case=train256] [--iters=3]
 
 Cases are those of `vs_model_garden.py` (the same programs: forward640,
 infer640, train256, train640). Traces `--iters` calls with `jax.profiler`,
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import importlib.util
 import os
 import re
 import tempfile
@@ -25,19 +24,10 @@ import time
 
 import jax
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+import vs_model_garden  # benchmarks/, beside this script
+
 _INSTR = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\S+?)\{?[\d,]*\}? (\w[\w\-]*)\(')
 _SHAPE = re.compile(r'\[([\d,]*)\]')
-
-
-def _load_vs_model_garden():
-  # Loaded by path: putting benchmarks/ on sys.path would shadow the
-  # `input_pipeline` package with benchmarks/input_pipeline.py.
-  spec = importlib.util.spec_from_file_location(
-      'vs_model_garden', os.path.join(_HERE, 'vs_model_garden.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _parse(hlo: str) -> tuple[dict, dict]:
@@ -119,7 +109,7 @@ def main() -> None:
   p.add_argument('--case', default='train256')
   p.add_argument('--iters', type=int, default=3)
   args = p.parse_args()
-  fn, call_args, advance = _load_vs_model_garden().ours_program(args.case)
+  fn, call_args, advance = vs_model_garden.ours_program(args.case)
   compiled = fn.lower(*call_args).compile()
   instrs, comps = _parse(compiled.as_text())
   for _ in range(2):  # warm up

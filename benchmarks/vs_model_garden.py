@@ -1,7 +1,7 @@
 """SpineNet-49 RetinaNet, ours vs TF Model Garden's, side by side on one CPU.
 
   make parity-venv   # or any `make parity` run: .venv-parity has both sides
-  .venv-parity/bin/python -P benchmarks/vs_model_garden.py [--rounds=2]
+  .venv-parity/bin/python benchmarks/vs_model_garden.py [--rounds=2]
 
 Each (case, side) runs in its own subprocess, alternating ours and Model
 Garden's within a round (the order flips every round), so that both see the
@@ -260,15 +260,12 @@ def _worker(side: str, case: str, iters: int, targets: str | None,
 
 def _spawn(side: str, case: str, iters: int, targets: str,
            conv_impl: str) -> dict:
-  cmd = [sys.executable, '-P', os.path.abspath(__file__), f'--worker={side}',
+  cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
          f'--cases={case}', f'--iters={iters}', f'--targets={targets}',
          f'--conv_impl={conv_impl}']
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
-             PYTHONPATH=os.pathsep.join(
-                 [root] + os.environ.get('PYTHONPATH', '').split(os.pathsep)))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                        check=False, cwd=root)
+                        check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
     raise RuntimeError(f'{side} {case} failed (exit {proc.returncode}):\n'

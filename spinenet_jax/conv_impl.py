@@ -16,7 +16,7 @@ maps im2col is slower and compiles more slowly.
 The choice is made here and nowhere else: `resolve('auto', ...)` picks by
 backend, map size and width; `config.model.conv_impl` ('auto', 'xla', 'im2col')
 forces one for every kxk convolution. Both give the same results up to float
-rounding (tests/test_models.py).
+rounding (tests/test_conv_impl.py).
 """
 
 from __future__ import annotations

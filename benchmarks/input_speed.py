@@ -10,7 +10,7 @@ default 256x256 source images, and once with larger JPEGs like COCO
 (480..640 px a side) and ImageNet (333..500 px), whose decoding dominates.
 The datasets are built (once) into --data_dir; nothing is downloaded.
 
-  python benchmarks/input_pipeline.py [--data_dir DIR] [--batches 10]
+  python benchmarks/input_speed.py [--data_dir DIR] [--batches 10]
 """
 from __future__ import annotations
 
@@ -21,10 +21,6 @@ import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# This file shares its name with the package: import the package, not it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
 
 import ml_collections  # pylint: disable=g-import-not-at-top
 
