@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import os
 from typing import Any, Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from input_pipeline import contract
 from spinenet_jax import checkpoints
 from spinenet_jax import models
+from spinenet_jax import quiet_restore
 from spinenet_jax.detection import postprocess
 
 def label_map(config: ml_collections.ConfigDict) -> dict[int, str]:
@@ -45,8 +47,11 @@ def class_name(labels: dict[int, str], class_id: int) -> str:
   return labels.get(int(class_id), f'class {int(class_id)}')
 
 
-def _find_step_dir(path: str, step: int | None) -> tuple[str, str, int]:
-  """(workdir, checkpoint state directory, step) for a workdir or step dir."""
+def _find_step_dir(path: str, step: int | None
+                   ) -> tuple[str, list[tuple[str, int]]]:
+  """(workdir, [(checkpoint state directory, step)]) for a workdir or step
+  dir: the step asked for, or with step=None every finished step, newest
+  first (to fall back from a damaged one)."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_DIR)):
     workdir, ckpt_root = path, os.path.join(path, checkpoints.CHECKPOINT_DIR)
@@ -54,29 +59,28 @@ def _find_step_dir(path: str, step: int | None) -> tuple[str, str, int]:
     workdir, ckpt_root = os.path.dirname(path), path
   elif os.path.basename(path) == 'state' and os.path.basename(
       os.path.dirname(os.path.dirname(path))) == checkpoints.CHECKPOINT_DIR:
-    return (os.path.dirname(os.path.dirname(os.path.dirname(path))), path,
-            int(os.path.basename(os.path.dirname(path))))
+    return (os.path.dirname(os.path.dirname(os.path.dirname(path))),
+            [(path, int(os.path.basename(os.path.dirname(path))))])
   elif os.path.basename(path).isdigit() and os.path.basename(
       os.path.dirname(path)) == checkpoints.CHECKPOINT_DIR:
     if step is not None and step != int(os.path.basename(path)):
       raise ValueError(f'{path} is step {os.path.basename(path)}, not {step}.')
     return (os.path.dirname(os.path.dirname(path)),
-            os.path.join(path, 'state'), int(os.path.basename(path)))
+            [(os.path.join(path, 'state'), int(os.path.basename(path)))])
   else:
     raise FileNotFoundError(
         f'{path} is neither a training run directory (with '
         f'{checkpoints.CHECKPOINT_DIR}/ and {checkpoints.CONFIG_FILE}) nor a '
         'checkpoint step directory (WORKDIR/checkpoints/<step>).')
-  steps = sorted(int(d) for d in os.listdir(ckpt_root) if d.isdigit()
-                 and os.path.isdir(os.path.join(ckpt_root, d, 'state')))
+  steps = checkpoints.saved_steps(workdir)
   if not steps:
     raise FileNotFoundError(f'No finished checkpoint in {ckpt_root}.')
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
+  if step is not None and step not in steps:
     raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt_root}; '
                             f'available steps: {steps}.')
-  return workdir, os.path.join(ckpt_root, str(step), 'state'), step
+  steps = [step] if step is not None else steps[::-1]
+  return workdir, [(os.path.join(ckpt_root, str(s), 'state'), s)
+                   for s in steps]
 
 
 def _saved_keys(state_dir: str) -> set[str]:
@@ -100,7 +104,12 @@ def restore_variables(state_dir: str, model, config, sharding) -> dict[str, Any]
                          train=False))
   target = {'params': shape['params'],
             'batch_stats': shape.get('batch_stats', {})}
-  keys = _saved_keys(state_dir)
+  try:
+    keys = _saved_keys(state_dir)
+  except Exception as e:  # Orbax raises many types for damaged files.
+    raise checkpoints.DamagedCheckpointError(
+        f'Checkpoint {os.path.dirname(state_dir)}: its metadata cannot be '
+        f'read ({type(e).__name__}: {str(e)[:300]})') from None
   if 'params' not in keys:
     raise ValueError(f'{state_dir} holds no params (keys {sorted(keys)}).')
   if 'ema_params' in keys:
@@ -110,15 +119,17 @@ def restore_variables(state_dir: str, model, config, sharding) -> dict[str, Any]
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
       target)
-  try:
-    restored = ocp.PyTreeCheckpointer().restore(
-        state_dir, args=ocp.args.PyTreeRestore(
-            item=abstract,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True))
-  except Exception as e:  # Orbax raises many types for damaged files.
-    raise ValueError(f'Checkpoint {state_dir} cannot be restored into the '
-                     f'model of its config ({type(e).__name__}: {e}).') from e
+  restored, error = quiet_restore.read(
+      lambda: ocp.PyTreeCheckpointer().restore(
+          state_dir, args=ocp.args.PyTreeRestore(
+              item=abstract,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(
+                  abstract),
+              partial_restore=True)))
+  if error is not None:
+    raise checkpoints.DamagedCheckpointError(
+        f'Checkpoint {os.path.dirname(state_dir)} cannot be restored into the '
+        f'model of its config ({error}).')
   restored.setdefault('batch_stats', {})
   return restored
 
@@ -342,18 +353,27 @@ def load_checkpoint(workdir_or_checkpoint_path: str,
   Args:
     workdir_or_checkpoint_path: a run directory (with `config.json` and
       `checkpoints/`), or one step's directory `WORKDIR/checkpoints/<step>`.
-    step: the step to load (default: the latest).
+    step: the step to load (default: the newest one that restores; a damaged
+      newer step is skipped with a warning, and never moved).
 
   Returns:
     A `Run` with `.model`, `.variables` (EMA weights when kept), `.config`,
     `.step` and `.features`, `.detect`, `.classify`.
   """
-  workdir, state_dir, step = _find_step_dir(workdir_or_checkpoint_path, step)
+  workdir, candidates = _find_step_dir(workdir_or_checkpoint_path, step)
   config = checkpoints.load_config(workdir)
   model = models.build_model(config)
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('data',))
-  restored = restore_variables(state_dir, model, config,
-                               NamedSharding(mesh, P()))
+  for i, (state_dir, step) in enumerate(candidates):
+    try:
+      restored = restore_variables(state_dir, model, config,
+                                   NamedSharding(mesh, P()))
+      break
+    except checkpoints.DamagedCheckpointError as e:
+      if i + 1 == len(candidates):
+        raise
+      warnings.warn(f'checkpoint {step} of {workdir} is damaged; loading '
+                    f'step {candidates[i + 1][1]} instead: {e}')
   ema = restored.get('ema_params')
   variables = {'params': restored['params'] if ema is None else ema,
                'batch_stats': restored['batch_stats']}
