@@ -9,6 +9,7 @@ by themselves; elsewhere pass --coordinator_address=HOST:PORT
 """
 
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -41,6 +42,21 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()  # Auto-detected cluster.
 
 
+def exit_with(message: str) -> None:
+  """Prints one line and exits with 1, without a traceback.
+
+  The interpreter's teardown is skipped (everything is closed by then):
+  tensorstore reads that a failed checkpoint restore abandoned would print
+  tracebacks from it.
+  """
+  from spinenet_jax import quiet_restore  # pylint: disable=g-import-not-at-top
+  sys.stdout.flush()
+  os.write(quiet_restore.silence(), f'train.py: {message}\n'.encode())
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+  os._exit(1)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -48,8 +64,15 @@ def main(argv):
     jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
   initialize_distributed()
   logging.set_verbosity(logging.WARNING)
-  from spinenet_jax import train_lib  # After distributed initialisation.
-  result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  # After distributed initialisation.
+  from spinenet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from spinenet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from spinenet_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  try:
+    result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (checkpoints.CheckpointError, workdir_lock.WorkdirLockedError,
+          train_lib.NonFiniteLossError) as e:  # Each says what to do.
+    exit_with(str(e))
   if jax.process_index() == 0:
     print({k: round(v, 4) if isinstance(v, float) else v
            for k, v in result.items()})

@@ -94,6 +94,11 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.checkpoint_every_epochs = config_dict.placeholder(float)
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  # A NaN or infinite loss or gradient: 'stop' (keep the checkpoints, raise)
+  # or 'rollback' (restore the last checkpoint, halve the learning rate and
+  # continue, at most nan_max_rollbacks times); spinenet_jax/nonfinite.py.
+  c.nan_policy = 'stop'
+  c.nan_max_rollbacks = 3
   c.optimizer = ml_collections.ConfigDict(dict(
       name='sgd',  # 'sgd' (with momentum) or 'adamw'
       base_learning_rate=0.32,  # peak = base * batch_size / 256

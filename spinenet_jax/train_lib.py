@@ -8,8 +8,8 @@ What depends on the task (loss, evaluation, input pipeline) comes from
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import signal
 import time
 from typing import Any
@@ -26,16 +26,17 @@ from input_pipeline import common as data_common
 from spinenet_jax import checkpoints
 from spinenet_jax import models
 from spinenet_jax import multihost
+from spinenet_jax import nonfinite
 from spinenet_jax import optim
 from spinenet_jax import sharding
 from spinenet_jax import tasks
+from spinenet_jax import workdir_lock
 from spinenet_jax.metric_writer import MetricWriter
 
 Batch = dict[str, jax.Array]
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or infinite loss."""
+NonFiniteLossError = nonfinite.NonFiniteLossError
 
 
 # --------------------------------------------------------------------- state
@@ -90,19 +91,23 @@ def abstract_state(model, tx, config, shardings) -> TrainState:
       jax.eval_shape(lambda: init_state(model, tx, config)), shardings)
 
 
-def initial_state(model, tx, config, mesh, manager
-                  ) -> tuple[TrainState, Any, bool]:
-  """The latest checkpoint's state, else a fresh one; shardings; resumed?
+def initial_state(model, tx, config, mesh, manager, warn=print,
+                  hint: str = '') -> tuple[TrainState, Any, int | None]:
+  """The newest checkpoint that restores, else a fresh state; its shardings;
+  the step resumed from (None for a fresh state).
 
   A resumed run restores straight onto the current mesh's shardings without
-  initialising (and compiling the initialiser) first.
+  initialising (and compiling the initialiser) first. Damaged checkpoints
+  newer than the one restored are moved aside (`checkpoints.
+  restore_newest_good`); `hint` is added to a config-mismatch error.
   """
-  if manager.latest_step() is None:
-    return *create_state(model, tx, config, mesh), False
   abstract = jax.eval_shape(lambda: init_state(model, tx, config))
   shardings = _replicated(abstract, mesh)
-  state = checkpoints.restore(manager, _with_shardings(abstract, shardings))
-  return state, shardings, True
+  state, step = checkpoints.restore_newest_good(
+      manager, _with_shardings(abstract, shardings), warn, hint)
+  if state is None:
+    return *create_state(model, tx, config, mesh), None
+  return state, shardings, step
 
 
 # --------------------------------------------------------------------- steps
@@ -129,7 +134,7 @@ def make_train_step(model, config, tx, schedule, state_shardings, mesh):
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                          ema, params)
     metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step),
-                   grad_norm=optax.tree.norm(grads))
+                   **nonfinite.diagnostics(grads, batch['image']))
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state, ema)
     return new_state, metrics
 
@@ -201,15 +206,6 @@ def itstime(step: int, every: int | None, total: int | None = None) -> bool:
   return (bool(every) and step % every == 0) or step == total
 
 
-def check_finite(metrics: dict[str, Any], step: int) -> None:
-  loss = float(metrics['loss'])
-  if not math.isfinite(loss):
-    raise NonFiniteLossError(
-        f'Loss became {loss} at step {step}; stopping without saving. The '
-        'last good checkpoint (if any) is kept in the workdir. Lower the '
-        'learning rate or enable config.optimizer.grad_clip_norm.')
-
-
 def _log_line(step: int, total: int, means: dict[str, float]) -> str:
   parts = ' '.join(f'{k}={v:.4f}' for k, v in means.items()
                    if k not in ('learning_rate', 'num_positives',
@@ -220,122 +216,182 @@ def _log_line(step: int, total: int, means: dict[str, float]) -> str:
 # ---------------------------------------------------------------------- loop
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the training loop needs that does not change between attempts."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  task: Any
+  total: int
+  eval_every: int | None
+  checkpoint_every: int | None
+  writer: MetricWriter
+  manager: Any
+
+
+def _train(run: _Run, preempt: Preemption, lr_scale: float) -> dict[str, Any]:
+  """From the newest good checkpoint (or a fresh state) to the last step and
+  the final evaluation, with the learning rate scaled by `lr_scale`."""
+  config, writer, manager, total = run.config, run.writer, run.manager, run.total
+  mesh, model, task = run.mesh, run.model, run.task
+  multi = jax.process_count() > 1
+  base_schedule = optim.learning_rate_schedule(config.optimizer,
+                                               config.batch_size, total)
+  schedule = base_schedule if lr_scale == 1 else (
+      lambda step: lr_scale * base_schedule(step))
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  # ----------------------------------- state: newest good checkpoint or fresh
+  state, shardings, resumed = initial_state(
+      model, tx, config, mesh, manager, writer.print,
+      checkpoints.config_difference(run.workdir, config))
+  checkpoints.save_config(run.workdir, config)  # Once the state fits it.
+  if resumed is not None:
+    writer.print(f'Resumed from {manager.directory}/{resumed}.')
+  start = int(state.step)
+
+  # ----------------------------------------------- steps and input data
+  train_step = make_train_step(model, config, tx, schedule, shardings, mesh)
+  eval_step = make_eval_step(model, config, mesh)
+  train_iter = task.data.train_iterator(
+      config.data, batch_size=config.batch_size, seed=config.seed,
+      start_step=start)
+  next_batch = lambda: sharding.global_batch(next(train_iter), mesh)
+
+  def run_eval(step: int) -> dict[str, float]:
+    t = time.time()
+    batches = task.data.eval_iterator(
+        config.data, batch_size=config.eval_batch_size or config.batch_size)
+    metrics = task.evaluate(eval_step, state.eval_variables(), batches, mesh)
+    writer.write(step, metrics)
+    writer.print(f'Evaluation at step {step} ({time.time() - t:.0f} s):')
+    writer.print(task.report(metrics))
+    return metrics
+
+  # Compiled ahead, so that all processes start stepping together.
+  batch = None
+  if start < total:
+    batch = next_batch()
+    train_step = multihost.compile_then_sync(train_step, state, batch)
+
+  # ------------------------------------------------------------ training
+  timer = Throughput(config.batch_size, total)
+  done, pending = [], None  # Checked step metrics; the unchecked last.
+  check = lambda m, step: nonfinite.check(m, step, manager.latest_step())
+  for step in range(start + 1, total + 1):
+    state, metrics = train_step(state, next_batch() if batch is None
+                                else batch)
+    batch = None
+    if pending is not None:  # The previous step's, while this one runs.
+      check(pending, step - 1)
+      done.append(pending)
+    pending = metrics
+    if step == start + 1:  # Throughput is timed after compilation.
+      jax.block_until_ready(metrics)
+      timer.start(step)
+
+    log_now = itstime(step, config.log_every_steps, total)
+    # Processes agree on a SIGTERM where they block anyway (log steps), so
+    # that all of them save the same step; one process acts at once.
+    stop = (multihost.any_process(preempt.requested) if multi and log_now
+            else preempt.requested and not multi)
+    save_now = itstime(step, run.checkpoint_every, total) or stop
+    if log_now or save_now:
+      check(pending, step)
+      done.append(pending)
+      pending = None
+    if log_now:
+      means = {k: float(np.mean([float(m[k]) for m in done]))
+               for k in done[0] if not nonfinite.is_diagnostic(k)}
+      done, speed = [], ''
+      lap = timer.lap(step)
+      if lap is not None:
+        means['examples_per_sec'] = lap[0]
+        speed = f' {lap[0]:.1f} ex/s ETA {lap[1] / 60:.1f} min'
+      writer.write(step, means)
+      writer.print(_log_line(step, total, means) + speed)
+    if save_now:
+      checkpoints.save(manager, step, state, force=True)
+    if stop:
+      manager.wait_until_finished()
+      writer.print(f'SIGTERM: saved step {step} and stopped.')
+      return {'step': step, 'preempted': True}
+    if itstime(step, run.eval_every) and step < total:
+      run_eval(step)
+
+  # ---------------------------------------------------- final evaluation
+  return {'step': total, **run_eval(total)}
+
+
+def _rollback_or_raise(run: _Run, error: NonFiniteLossError, rollbacks: int,
+                       lr_scale: float) -> float:
+  """The halved learning-rate scale to continue with after `error`, or
+  re-raises it when the policy or the rollback limit says stop."""
+  config = run.config
+  if config.nan_policy != 'rollback' or rollbacks >= config.nan_max_rollbacks:
+    if config.nan_policy == 'rollback':
+      run.writer.print(f'Stopping: {rollbacks} rollbacks, the limit '
+                       '(config.nan_max_rollbacks).')
+    raise error
+  run.manager.wait_until_finished()
+  last = run.manager.latest_step()
+  scale = lr_scale / 2
+  run.writer.print(f'{error}\nRollback {rollbacks + 1} of '
+                   f'{config.nan_max_rollbacks}: continuing from '
+                   f'{"step " + str(last) if last is not None else "scratch"} '
+                   f'with the learning rate x{scale:g}.')
+  run.writer.write(error.step, {'nan_rollbacks': rollbacks + 1,
+                                'learning_rate_scale': scale})
+  return scale
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
-  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates.
+  """Trains (resuming from the newest good checkpoint in `workdir`) and
+  evaluates.
 
   Returns the final evaluation metrics and the final step (with
   'preempted': True, and no evaluation, when SIGTERM stopped the run after
   saving a checkpoint).
 
   Raises:
-    NonFiniteLossError: when the loss becomes NaN or infinite; checkpoints
-      saved before that step are kept.
+    NonFiniteLossError: when the loss or gradient becomes NaN or infinite
+      (after `config.nan_max_rollbacks` rollbacks with nan_policy
+      'rollback'); checkpoints saved before that step are kept.
+    workdir_lock.WorkdirLockedError: another trainer holds `workdir`.
+    checkpoints.CheckpointError: no checkpoint restores, or they belong to
+      another configuration.
   """
   t0 = time.time()
   # ----------------------------------------------------------- set-up
   mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   model = models.build_model(config)
-  task = tasks.get_task(config, model)
   num_train = functools.cache(lambda: data_common.num_examples(
       config.data, config.data.train_split))
   total = optim.total_steps(config, num_train)
-  eval_every = optim.steps(config, 'eval_every', num_train)
-  checkpoint_every = optim.steps(config, 'checkpoint_every', num_train)
-  schedule = optim.learning_rate_schedule(config.optimizer, config.batch_size,
-                                          total)
-  tx = optim.create_optimizer(config.optimizer, schedule)
-  writer = MetricWriter(workdir)
-  checkpoints.save_config(workdir, config)
-  manager = checkpoints.create_manager(workdir, config.keep_checkpoints,
-                                       config.async_checkpoints)
-  multi = jax.process_count() > 1
-
-  try:
-    with Preemption() as preempt, jax.set_mesh(mesh):
-      # ------------------------------- state: latest checkpoint or fresh
-      state, shardings, resumed = initial_state(model, tx, config, mesh,
-                                                manager)
-      if resumed:
-        writer.print(f'Resumed from {manager.directory}/'
-                     f'{manager.latest_step()}.')
-      start = int(state.step)
-
-      # ------------------------------------------- steps and input data
-      train_step = make_train_step(model, config, tx, schedule, shardings,
-                                   mesh)
-      eval_step = make_eval_step(model, config, mesh)
-      train_iter = task.data.train_iterator(
-          config.data, batch_size=config.batch_size, seed=config.seed,
-          start_step=start)
-      next_batch = lambda: sharding.global_batch(next(train_iter), mesh)
-
-      def run_eval(step: int) -> dict[str, float]:
-        t = time.time()
-        batches = task.data.eval_iterator(
-            config.data, batch_size=config.eval_batch_size or config.batch_size)
-        metrics = task.evaluate(eval_step, state.eval_variables(), batches,
-                                mesh)
-        writer.write(step, metrics)
-        writer.print(f'Evaluation at step {step} ({time.time() - t:.0f} s):')
-        writer.print(task.report(metrics))
-        return metrics
-
-      # Compiled ahead, so that all processes start stepping together.
-      batch = None
-      if start < total:
-        batch = next_batch()
-        train_step = multihost.compile_then_sync(train_step, state, batch)
-
-      # -------------------------------------------------------- training
-      timer = Throughput(config.batch_size, total)
-      done, pending = [], None  # Checked step metrics; the unchecked last.
-      for step in range(start + 1, total + 1):
-        state, metrics = train_step(state, next_batch() if batch is None
-                                    else batch)
-        batch = None
-        if pending is not None:  # The previous step's, while this one runs.
-          check_finite(pending, step - 1)
-          done.append(pending)
-        pending = metrics
-        if step == start + 1:  # Throughput is timed after compilation.
-          jax.block_until_ready(metrics)
-          timer.start(step)
-
-        log_now = itstime(step, config.log_every_steps, total)
-        # Processes agree on a SIGTERM where they block anyway (log steps),
-        # so that all of them save the same step; one process acts at once.
-        stop = (multihost.any_process(preempt.requested) if multi and log_now
-                else preempt.requested and not multi)
-        save_now = itstime(step, checkpoint_every, total) or stop
-        if log_now or save_now:
-          check_finite(pending, step)
-          done.append(pending)
-          pending = None
-        if log_now:
-          means = {k: float(np.mean([float(m[k]) for m in done]))
-                   for k in done[0]}
-          done, speed = [], ''
-          lap = timer.lap(step)
-          if lap is not None:
-            means['examples_per_sec'] = lap[0]
-            speed = f' {lap[0]:.1f} ex/s ETA {lap[1] / 60:.1f} min'
-          writer.write(step, means)
-          writer.print(_log_line(step, total, means) + speed)
-        if save_now:
-          checkpoints.save(manager, step, state, force=True)
-        if stop:
-          manager.wait_until_finished()
-          writer.print(f'SIGTERM: saved step {step} and stopped.')
-          return {'step': step, 'preempted': True}
-        if itstime(step, eval_every) and step < total:
-          run_eval(step)
-
-      # ------------------------------------------------ final evaluation
-      eval_metrics = run_eval(total)
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-  writer.print(f'Done: {total} steps in {time.time() - t0:.0f} s.')
-  return {'step': total, **eval_metrics}
+  with workdir_lock.WorkdirLock(workdir):
+    writer = MetricWriter(workdir)
+    manager = checkpoints.create_manager(workdir, config.keep_checkpoints,
+                                         config.async_checkpoints)
+    run = _Run(config, workdir, mesh, model, tasks.get_task(config, model),
+               total, optim.steps(config, 'eval_every', num_train),
+               optim.steps(config, 'checkpoint_every', num_train), writer,
+               manager)
+    try:
+      with Preemption() as preempt, jax.set_mesh(mesh):
+        lr_scale, rollbacks = 1.0, 0
+        while True:
+          try:
+            result = _train(run, preempt, lr_scale)
+            break
+          except NonFiniteLossError as e:
+            lr_scale = _rollback_or_raise(run, e, rollbacks, lr_scale)
+            rollbacks += 1
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+  if not result.get('preempted'):
+    writer.print(f'Done: {total} steps in {time.time() - t0:.0f} s.')
+  return result
