@@ -26,6 +26,9 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.')
 flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'Index of this process.')
+flags.DEFINE_integer('heartbeat_timeout_s', 30,
+                     'Multi-process: a process silent this long counts as '
+                     'dead, and the others stop.')
 flags.DEFINE_integer('num_cpu_devices', None,
                      'Simulate this many CPU devices (testing).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -33,13 +36,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def initialize_distributed() -> None:
   """Joins the other processes when there are any."""
-  if FLAGS.coordinator_address or FLAGS.num_processes:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
-  elif any(k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
-                                     'OMPI_COMM_WORLD_SIZE')):
-    jax.distributed.initialize()  # Auto-detected cluster.
+  from spinenet_jax import distributed  # pylint: disable=g-import-not-at-top
+  explicit = FLAGS.coordinator_address or FLAGS.num_processes
+  if explicit or any(k in os.environ for k in (
+      'TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE')):
+    # No arguments: an auto-detected cluster.
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id, workdir=FLAGS.workdir,
+                           heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
 
 
 def exit_with(message: str) -> None:
@@ -49,11 +53,11 @@ def exit_with(message: str) -> None:
   tensorstore reads that a failed checkpoint restore abandoned would print
   tracebacks from it.
   """
+  from spinenet_jax import distributed  # pylint: disable=g-import-not-at-top
   from spinenet_jax import quiet_restore  # pylint: disable=g-import-not-at-top
   sys.stdout.flush()
   os.write(quiet_restore.silence(), f'train.py: {message}\n'.encode())
-  if jax.process_count() > 1:
-    jax.distributed.shutdown()
+  distributed.shutdown(timeout_s=60)  # The others fail the same way.
   os._exit(1)  # pylint: disable=protected-access
 
 
@@ -73,9 +77,15 @@ def main(argv):
   except (checkpoints.CheckpointError, workdir_lock.WorkdirLockedError,
           train_lib.NonFiniteLossError) as e:  # Each says what to do.
     exit_with(str(e))
+  except jax.errors.JaxRuntimeError:  # A collective failed: a dead peer?
+    from spinenet_jax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.await_lost_peer()
+    raise
   if jax.process_index() == 0:
     print({k: round(v, 4) if isinstance(v, float) else v
            for k, v in result.items()})
+  from spinenet_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.shutdown()
 
 
 if __name__ == '__main__':

@@ -1,0 +1,143 @@
+"""Joining and leaving a multi-process run, and stopping when a peer dies.
+
+By default a JAX process whose peer dies aborts with a native stack dump
+once the coordination service notices the missing heartbeats (100 s by
+default): the client's error callback is fatal and cannot be replaced from
+Python (`jax.distributed.initialize` does not expose it, and the binding
+cannot pass its status to a Python callable). So `initialize` turns on the
+runtime's recoverability (`jax_enable_recoverability`: the service no
+longer tells the survivors to abort) with a shorter heartbeat timeout, and
+a thread asks the service which processes are still alive
+(`get_live_nodes`, the runtime's own heartbeat bookkeeping) every
+`POLL_S`. When one is gone, every survivor prints one line that names it
+and the step a restart resumes from, and exits with 1. A collective that
+fails first (gloo's "Connection closed by peer" on CPU) is held back by
+`await_lost_peer` until the watcher has decided.
+
+Recoverable processes do not wait for each other at shutdown, so
+`shutdown` does: a barrier, then process 0 (which hosts the service) waits
+for the others to disconnect before it stops.
+
+Limitation: when process 0 itself dies, the service dies with it and the
+survivors' clients abort at once (within a second), with JAX's message
+("the leader task was preempted/died") and a native stack dump: that path
+is inside the runtime's client.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import jax
+from jax._src import distributed as jax_distributed
+
+HEARTBEAT_TIMEOUT_S = 30  # A process silent this long counts as dead.
+POLL_S = 1.0
+SHUTDOWN_TIMEOUT_S = 300  # How long processes wait for each other at exit.
+
+_stop_watching = threading.Event()
+_heartbeat_timeout_s = [HEARTBEAT_TIMEOUT_S]
+
+
+def initialize(coordinator_address: str | None = None,
+               num_processes: int | None = None,
+               process_id: int | None = None, *, workdir: str | None = None,
+               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
+  """`jax.distributed.initialize`, then watches the peers (see above).
+
+  With no arguments the cluster is auto-detected (TPU pods, SLURM, MPI).
+  `workdir` is where a restart would resume from (named in the message).
+  """
+  if heartbeat_timeout_s < 2 * POLL_S:
+    raise ValueError(f'heartbeat_timeout_s={heartbeat_timeout_s} is too '
+                     f'short; use at least {int(2 * POLL_S)} (default '
+                     f'{HEARTBEAT_TIMEOUT_S}).')
+  jax.config.update('jax_enable_recoverability', True)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+  _heartbeat_timeout_s[0] = heartbeat_timeout_s
+  if jax.process_count() > 1:
+    _stop_watching.clear()
+    threading.Thread(target=_watch, args=(workdir, heartbeat_timeout_s),
+                     name='peer_watch', daemon=True).start()
+
+
+def _client():
+  return jax_distributed.global_state.client
+
+
+def _watch(workdir: str | None, timeout_s: int) -> None:
+  everyone = list(range(jax.process_count()))
+  client = _client()
+  while not _stop_watching.wait(POLL_S):
+    try:
+      live = set(client.get_live_nodes(everyone))
+    except Exception:  # pylint: disable=broad-except  # The service is gone.
+      live = set(everyone) - {0}
+    lost = sorted(set(everyone) - live)
+    if lost and not _stop_watching.is_set():
+      _exit(peer_lost_message(lost, len(everyone), jax.process_index(),
+                              workdir, timeout_s))
+
+
+def peer_lost_message(lost: list[int], count: int, me: int,
+                      workdir: str | None, timeout_s: int) -> str:
+  """'process 1 of 2 stopped responding ...; restarting all processes
+  resumes from step N'."""
+  which = ', '.join(map(str, lost))
+  noun = 'process' if len(lost) == 1 else 'processes'
+  text = (f'{noun} {which} of {count} stopped responding (no heartbeat for '
+          f'{timeout_s} s: killed, crashed or cut off), so process {me} '
+          'stops too. ')
+  if workdir is None:
+    return text + 'Restart all processes.'
+  from spinenet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    steps = checkpoints.saved_steps(workdir)
+  except Exception:  # pylint: disable=broad-except  # Unreadable: say so.
+    steps = None
+  if steps:
+    where = (f'resumes from step {steps[-1]}, the last complete checkpoint '
+             f'in {checkpoints.checkpoint_dir(workdir)}')
+  elif steps is None:
+    where = f'resumes from the last complete checkpoint in {workdir}'
+  else:
+    where = 'starts from step 0 (no complete checkpoint yet)'
+  return text + f'Restarting all processes with the same flags {where}.'
+
+
+def _exit(message: str) -> None:
+  from spinenet_jax import quiet_restore  # pylint: disable=g-import-not-at-top
+  os.write(quiet_restore.silence(), f'train.py: {message}\n'.encode())
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def await_lost_peer() -> None:
+  """Call when a collective failed (CPU collectives fail at once when a
+  peer's connection closes): if a peer died, the watcher ends this process
+  with its message within the heartbeat timeout; if none did, returns."""
+  if jax.process_count() > 1 and not _stop_watching.is_set():
+    _stop_watching.wait(_heartbeat_timeout_s[0] + 3 * POLL_S)
+
+
+def shutdown(timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
+  """Leaves the run together with the other processes (a no-op alone).
+
+  Returns after `timeout_s` at most even if some never arrive.
+  """
+  client = _client()
+  if client is None or jax.process_count() == 1:
+    return
+  _stop_watching.set()
+  try:
+    client.wait_at_barrier('spinenet_jax_shutdown', timeout_s * 1000)
+    if jax.process_index() == 0:  # The service must outlive the others.
+      others = list(range(1, jax.process_count()))
+      deadline = time.monotonic() + timeout_s
+      while client.get_live_nodes(others) and time.monotonic() < deadline:
+        time.sleep(0.05)
+  except Exception:  # pylint: disable=broad-except  # A peer never came.
+    pass
+  jax.distributed.shutdown()
