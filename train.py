@@ -9,7 +9,6 @@ by themselves; elsewhere pass --coordinator_address=HOST:PORT
 """
 
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -18,6 +17,8 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from spinenet_jax import distributed  # noqa: E402  # Starts no backend.
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -36,7 +37,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def initialize_distributed() -> None:
   """Joins the other processes when there are any."""
-  from spinenet_jax import distributed  # pylint: disable=g-import-not-at-top
   explicit = FLAGS.coordinator_address or FLAGS.num_processes
   if explicit or any(k in os.environ for k in (
       'TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE')):
@@ -44,21 +44,6 @@ def initialize_distributed() -> None:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, workdir=FLAGS.workdir,
                            heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
-
-
-def exit_with(message: str) -> None:
-  """Prints one line and exits with 1, without a traceback.
-
-  The interpreter's teardown is skipped (everything is closed by then):
-  tensorstore reads that a failed checkpoint restore abandoned would print
-  tracebacks from it.
-  """
-  from spinenet_jax import distributed  # pylint: disable=g-import-not-at-top
-  from spinenet_jax import quiet_restore  # pylint: disable=g-import-not-at-top
-  sys.stdout.flush()
-  os.write(quiet_restore.silence(), f'train.py: {message}\n'.encode())
-  distributed.shutdown(timeout_s=60)  # The others fail the same way.
-  os._exit(1)  # pylint: disable=protected-access
 
 
 def main(argv):
@@ -76,15 +61,13 @@ def main(argv):
     result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (checkpoints.CheckpointError, workdir_lock.WorkdirLockedError,
           train_lib.NonFiniteLossError) as e:  # Each says what to do.
-    exit_with(str(e))
+    distributed.exit_with(str(e))
   except jax.errors.JaxRuntimeError:  # A collective failed: a dead peer?
-    from spinenet_jax import distributed  # pylint: disable=g-import-not-at-top
     distributed.await_lost_peer()
     raise
   if jax.process_index() == 0:
     print({k: round(v, 4) if isinstance(v, float) else v
            for k, v in result.items()})
-  from spinenet_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.shutdown()
 
 

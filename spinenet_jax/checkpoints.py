@@ -132,8 +132,8 @@ def check_compatible(manager: ocp.CheckpointManager, step: int,
       continue
     raise IncompatibleCheckpointError(
         f'Checkpoint {where} was written by a different configuration: '
-        f'{problem}.{hint} Resume with the config the run was trained with, or train into a '
-        'new --workdir.')
+        f'{problem}.{hint} Resume with the config the run was trained '
+        'with, or train into a new --workdir.')
 
 
 def _fmt(shape_dtype: tuple[tuple[int, ...], str]) -> str:

@@ -22,9 +22,9 @@ from input_pipeline import contract
 from spinenet_jax import conv_impl
 from spinenet_jax import layers
 from spinenet_jax import models
+from spinenet_jax import nonfinite
 from spinenet_jax import specs as specs_lib
 
-NAN_POLICIES = ('stop', 'rollback')
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('step', 'cosine')
 # The endpoint levels a SpineNet backbone (and the RetinaNet head) supports.
@@ -271,7 +271,7 @@ def check_durations(config: ml_collections.ConfigDict) -> int | None:
                   optional=True)
   _check_number('keep_checkpoints', config.get('keep_checkpoints', 1), 1,
                 integer=True)
-  _one_of('nan_policy', config.get('nan_policy', 'stop'), NAN_POLICIES,
+  _one_of('nan_policy', config.get('nan_policy', 'stop'), nonfinite.POLICIES,
           'non-finite loss policy')
   _check_number('nan_max_rollbacks', config.get('nan_max_rollbacks', 0), 0,
                 integer=True)

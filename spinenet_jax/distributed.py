@@ -27,11 +27,15 @@ is inside the runtime's client.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+from typing import NoReturn
 
 import jax
 from jax._src import distributed as jax_distributed
+
+from spinenet_jax import quiet_restore
 
 HEARTBEAT_TIMEOUT_S = 30  # A process silent this long counts as dead.
 POLL_S = 1.0
@@ -78,8 +82,8 @@ def _watch(workdir: str | None, timeout_s: int) -> None:
       live = set(everyone) - {0}
     lost = sorted(set(everyone) - live)
     if lost and not _stop_watching.is_set():
-      _exit(peer_lost_message(lost, len(everyone), jax.process_index(),
-                              workdir, timeout_s))
+      exit_with(peer_lost_message(lost, len(everyone), jax.process_index(),
+                                  workdir, timeout_s), leave_together=False)
 
 
 def peer_lost_message(lost: list[int], count: int, me: int,
@@ -108,9 +112,18 @@ def peer_lost_message(lost: list[int], count: int, me: int,
   return text + f'Restarting all processes with the same flags {where}.'
 
 
-def _exit(message: str) -> None:
-  from spinenet_jax import quiet_restore  # pylint: disable=g-import-not-at-top
+def exit_with(message: str, leave_together: bool = True) -> NoReturn:
+  """Prints 'train.py: <message>' as the last line and exits with 1.
+
+  No traceback, and no interpreter teardown: tensorstore reads that a
+  failed checkpoint restore abandoned would print tracebacks from it. With
+  `leave_together` (the other processes fail the same way) the processes
+  first leave the run together (`shutdown`, 60 s at most).
+  """
+  sys.stdout.flush()
   os.write(quiet_restore.silence(), f'train.py: {message}\n'.encode())
+  if leave_together:
+    shutdown(timeout_s=60)
   os._exit(1)  # pylint: disable=protected-access
 
 

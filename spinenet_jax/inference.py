@@ -109,7 +109,7 @@ def restore_variables(state_dir: str, model, config, sharding) -> dict[str, Any]
   except Exception as e:  # Orbax raises many types for damaged files.
     raise checkpoints.DamagedCheckpointError(
         f'Checkpoint {os.path.dirname(state_dir)}: its metadata cannot be '
-        f'read ({type(e).__name__}: {str(e)[:300]})') from None
+        f'read ({quiet_restore.first_line(e)})') from None
   if 'params' not in keys:
     raise ValueError(f'{state_dir} holds no params (keys {sorted(keys)}).')
   if 'ema_params' in keys:
