@@ -55,11 +55,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   # After distributed initialisation.
   from spinenet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from spinenet_jax import config_checks  # pylint: disable=g-import-not-at-top
   from spinenet_jax import train_lib  # pylint: disable=g-import-not-at-top
   from spinenet_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   try:
     result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (checkpoints.CheckpointError, workdir_lock.WorkdirLockedError,
+  except (config_checks.ConfigError, checkpoints.CheckpointError,
+          workdir_lock.WorkdirLockedError,
           train_lib.NonFiniteLossError) as e:  # Each says what to do.
     distributed.exit_with(str(e))
   except jax.errors.JaxRuntimeError:  # A collective failed: a dead peer?

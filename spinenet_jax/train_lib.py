@@ -24,6 +24,7 @@ import optax
 
 from input_pipeline import common as data_common
 from spinenet_jax import checkpoints
+from spinenet_jax import config_checks
 from spinenet_jax import models
 from spinenet_jax import multihost
 from spinenet_jax import nonfinite
@@ -356,6 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   saving a checkpoint).
 
   Raises:
+    config_checks.ConfigError: the config cannot train (before anything is
+      built or compiled).
     NonFiniteLossError: when the loss or gradient becomes NaN or infinite
       (after `config.nan_max_rollbacks` rollbacks with nan_policy
       'rollback'); checkpoints saved before that step are kept.
@@ -365,6 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   t0 = time.time()
   # ----------------------------------------------------------- set-up
+  config_checks.validate(config)
   mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   model = models.build_model(config)

@@ -1,9 +1,11 @@
 """Failure paths: damaged checkpoints, another config's run, a locked or
-stale workdir, a non-finite loss and its rollback.
+stale workdir, a bad config value, a non-finite loss and its rollback, a
+dead peer.
 
-The cases that need several processes or minutes (a dead peer, SIGTERM on
-one process of two, every case end to end through `train.py`) are in
-benchmarks/faults.py, with their output in benchmarks/README.md.
+SIGTERM on process 1 of 2 is in tests/test_train.py
+(`test_two_processes_equal_one`); bad records in tests/test_bad_data.py;
+bad configs in tests/test_config_checks.py. benchmarks/faults.py runs
+every case end to end through `train.py` and times the recovery.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -30,9 +33,11 @@ from spinenet_jax import workdir_lock
 from tests import fault_injection
 from tests.test_train import assert_same_final_state
 from tests.test_train import assert_trees
+from tests.test_train import free_port
 from tests.test_train import read_metrics
 from tests.test_train import Train
 from tests.tiny import load_config
+from tests.tiny import REPO
 from tests.tiny import run_in_process
 from tests.tiny import TINY_DEMO
 
@@ -127,6 +132,20 @@ def test_all_checkpoints_damaged_is_one_error_and_exit_1(
   assert 'Nothing was moved' in log
   assert 'Traceback' not in log and 'Event loop is closed' not in log, log
   assert listing(workdir) == ['4', '8']
+
+
+def test_bad_config_value_is_one_line_before_anything_is_built(
+    data_dir, compile_cache, tmp_path):
+  """train.py validates the config first: one line naming the field, no
+  traceback, and no checkpoint written."""
+  workdir = tmp_path / 'bad_config'
+  run = Train(workdir, {**TINY_DEMO, 'nan_policy': 'rolback'}, data_dir,
+              compile_cache, '--num_cpu_devices=8', name='bad_config')
+  assert run.wait() == 1
+  log = run.log
+  assert "train.py: config.nan_policy='rolback'" in log, log[-3000:]
+  assert "'rollback'" in log and 'Traceback' not in log, log[-3000:]
+  assert not os.path.exists(checkpoints.checkpoint_dir(str(workdir)))
 
 
 def test_another_configs_run_names_the_variable(det_workdir, data_dir,
@@ -260,3 +279,44 @@ def test_rollback_limit_stops(monkeypatch):
   run.config.nan_policy = 'stop'
   with pytest.raises(nonfinite.NonFiniteLossError):
     train_lib._rollback_or_raise(run, error, 0, 1.0)  # pylint: disable=protected-access
+
+
+# A process of a two-process run that joins, says so and waits.
+PEER = """
+import sys, time
+from spinenet_jax import distributed
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), heartbeat_timeout_s=4)
+print('joined', flush=True)
+time.sleep(120)
+"""
+
+
+def test_dead_peer_is_named_and_the_survivor_exits_1(tmp_path):
+  """SIGKILL on process 1: process 0 stops within the heartbeat timeout
+  (4 s here, 30 s by default) with one line, exit 1 and no native dump."""
+  address = f'127.0.0.1:{free_port()}'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  logs = [tmp_path / f'peer{i}.log' for i in (0, 1)]
+  procs = [subprocess.Popen([sys.executable, '-c', PEER, address, str(i)],
+                            cwd=REPO, env=env, stdout=open(log, 'w'),
+                            stderr=subprocess.STDOUT)
+           for i, log in enumerate(logs)]
+  try:
+    deadline = time.time() + 120
+    while not all('joined' in log.read_text() for log in logs):
+      assert time.time() < deadline and procs[0].poll() is None, (
+          logs[0].read_text())
+      time.sleep(0.1)
+    procs[1].kill()
+    t0 = time.time()
+    assert procs[0].wait(60) == 1
+    waited = time.time() - t0
+  finally:
+    for p in procs:
+      p.kill()
+  log = logs[0].read_text()
+  assert 'train.py: process 1 of 2 stopped responding' in log, log
+  assert 'Restart all processes.' in log, log
+  for dump in ('Fatal Python error', 'Traceback', '@ 0x', 'Check failed'):
+    assert dump not in log, log
+  assert waited < 30, waited

@@ -477,19 +477,33 @@ def test_checkpoint_of_8_devices_continues_on_2(det_reference, data_dir,
 
 def test_two_processes_equal_one(data_dir, compile_cache, tmp_path,
                                  monkeypatch):
-  """2 processes x 2 devices == 1 process x 4 devices on the same batches."""
+  """2 processes x 2 devices == 1 process x 4 devices on the same batches,
+  with a SIGTERM to process 1 only on the way: both processes save the same
+  step and exit 0, and restarting both finishes the run."""
   from input_pipeline import detection  # pylint: disable=g-import-not-at-top
   # A small learning rate, so that the processes' different rounding stays
   # small over the run (see test_checkpoint_of_8_devices_continues_on_2).
   overrides = {**TINY_DEMO, 'total_steps': 6, 'checkpoint_every_steps': 3,
                'optimizer.base_learning_rate': 0.064}
-  port = free_port()
   workdir = tmp_path / 'two'
-  runs = [Train(workdir, overrides, data_dir, compile_cache,
-                f'--coordinator_address=127.0.0.1:{port}',
-                '--num_processes=2', f'--process_id={i}',
-                '--num_cpu_devices=2', name=f'process{i}')
-          for i in (0, 1)]
+
+  def start(name):
+    port = free_port()
+    return [Train(workdir, overrides, data_dir, compile_cache,
+                  f'--coordinator_address=127.0.0.1:{port}',
+                  '--num_processes=2', f'--process_id={i}',
+                  '--num_cpu_devices=2', name=f'{name}{i}')
+            for i in (0, 1)]
+
+  runs = start('process')
+  runs[0].wait_for(lambda: 'step 1/6' in runs[0].log, 'step 1')
+  runs[1].proc.send_signal(signal.SIGTERM)
+  logs = [run.assert_ok() for run in runs]
+  m = re.search(r'SIGTERM: saved step (\d+) and stopped', logs[0])
+  assert m and 'step 6/6' not in logs[0], logs[0][-3000:]
+  stopped = int(m.group(1))
+  assert checkpoints.saved_steps(workdir)[-1] == stopped
+  runs = start('resumed')
 
   # Meanwhile the baseline, in this process on 4 of the 8 test devices,
   # with the global batches the two processes assemble: process p's half
@@ -514,7 +528,8 @@ def test_two_processes_equal_one(data_dir, compile_cache, tmp_path,
 
   logs = [run.assert_ok() for run in runs]
   assert 'step 6/6' in logs[0] and 'step 6/6' not in logs[1]  # Process 0 logs.
-  assert checkpoints.saved_steps(workdir) == [3, 6]
+  assert resumed_from(logs[0]) == stopped
+  assert checkpoints.saved_steps(workdir)[-1] == 6
   losses, want = train_losses(workdir), train_losses(baseline)
   assert sorted(losses) == list(range(1, 7))
   # The same computation; the cross-process reductions (gloo) may add in a
