@@ -9,7 +9,8 @@ ImageNet normalisation. Evaluation: central square crop of
 `contract.CENTER_CROP_FRACTION` (87.5%, the fraction of Model Garden's
 `center_crop_image_v2`) of the short side, resized to S x S. Labels: TFDS
 label + `label_offset` (e.g. 1 for 1001-class ImageNet checkpoints). Label
-smoothing is left to the loss.
+smoothing is left to the loss. Malformed images are skipped or converted,
+and counted, as `sanitize` describes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from input_pipeline import common
 from input_pipeline import contract
+from input_pipeline import sanitize
 
 Features = common.Features
 
@@ -34,11 +36,18 @@ def _check_schema(builder: tfds.core.DatasetBuilder) -> None:
 
 
 def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
-  """[H, W] of an encoded image (JPEG: from the header only)."""
+  """[H, W] of an encoded image (JPEG and PNG: from the header only)."""
+  def png():
+    return tf.cast(sanitize.header_info(encoded)[:2], tf.int32)
+
+  def other():
+    return tf.shape(common.decode_image(encoded))[:2]
+
+  is_png = tf.equal(tf.strings.substr(encoded, 0, 4), b'\x89PNG')
   return tf.cond(
       tf.io.is_jpeg(encoded),
       lambda: tf.image.extract_jpeg_shape(encoded)[:2],
-      lambda: tf.shape(common.decode_image(encoded))[:2])
+      lambda: tf.cond(is_png, png, other))
 
 
 def decode_and_crop(encoded: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
@@ -57,10 +66,12 @@ def decode_and_crop(encoded: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
 
 
 def preprocess_train(ex: Features, key: tf.Tensor, *, size: int,
-                     label_offset: int = 0) -> Features:
+                     label_offset: int = 0,
+                     max_pixels: int = sanitize.MAX_IMAGE_PIXELS) -> Features:
   """Inception crop, resize, flip, normalise."""
   k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-  shape = _image_shape(ex['image'])
+  encoded, problems, ok = sanitize.check_image(ex['image'], max_pixels)
+  shape = _image_shape(encoded)
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.concat([shape, [3]], 0),
       bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=k_crop,
@@ -68,29 +79,31 @@ def preprocess_train(ex: Features, key: tf.Tensor, *, size: int,
       area_range=(0.08, 1.0), max_attempts=10,
       use_image_if_no_bounding_boxes=True)
   window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-  image = decode_and_crop(ex['image'], window)
+  image = decode_and_crop(encoded, window)
   image = tf.image.resize(image, [size, size], 'bilinear')
   image = tf.cond(tf.random.stateless_uniform([], k_flip) < 0.5,
                   lambda: tf.reverse(image, [1]), lambda: image)
   return {'image': tf.ensure_shape(common.normalize(image),
                                    [size, size, 3]),
-          'label': tf.cast(ex['label'], tf.int32) + label_offset}
+          'label': tf.cast(ex['label'], tf.int32) + label_offset,
+          **sanitize.outputs(ok, problems)}
 
 
-def preprocess_eval(ex: Features, *, size: int, label_offset: int = 0
-                    ) -> Features:
+def preprocess_eval(ex: Features, *, size: int, label_offset: int = 0,
+                    max_pixels: int = sanitize.MAX_IMAGE_PIXELS) -> Features:
   """Central crop (87.5% of the short side), resize, normalise."""
-  shape = _image_shape(ex['image'])
+  encoded, problems, ok = sanitize.check_image(ex['image'], max_pixels)
+  shape = _image_shape(encoded)
   crop = tf.cast(contract.CENTER_CROP_FRACTION * tf.cast(
       tf.reduce_min(shape), tf.float32), tf.int32)
   crop = tf.maximum(crop, 1)
   offset = (shape - crop + 1) // 2
   window = tf.stack([offset[0], offset[1], crop, crop])
-  image = decode_and_crop(ex['image'], window)
+  image = decode_and_crop(encoded, window)
   image = tf.image.resize(image, [size, size], 'bilinear')
   return {'image': tf.ensure_shape(common.normalize(image), [size, size, 3]),
           'label': tf.cast(ex['label'], tf.int32) + label_offset,
-          'mask': tf.constant(True)}
+          'mask': tf.constant(True), **sanitize.outputs(ok, problems)}
 
 
 def train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
@@ -109,7 +122,8 @@ def train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
                       ) -> common.Preprocess:
     _check_schema(builder)
     return functools.partial(preprocess_train, size=data_cfg.image_size,
-                             label_offset=data_cfg.label_offset)
+                             label_offset=data_cfg.label_offset,
+                             max_pixels=sanitize.max_image_pixels(data_cfg))
 
   return common.build_train_iterator(
       data_cfg, make_preprocess, batch_size=batch_size, seed=seed,
@@ -128,8 +142,10 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   def make_preprocess(builder: tfds.core.DatasetBuilder
                       ) -> common.Preprocess:
     _check_schema(builder)
-    preprocess = functools.partial(preprocess_eval, size=data_cfg.image_size,
-                                   label_offset=data_cfg.label_offset)
+    preprocess = functools.partial(
+        preprocess_eval, size=data_cfg.image_size,
+        label_offset=data_cfg.label_offset,
+        max_pixels=sanitize.max_image_pixels(data_cfg))
     return lambda ex, index: preprocess(ex)
 
   s = data_cfg.image_size

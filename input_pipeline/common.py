@@ -12,9 +12,9 @@ whose seed is a function of (seed, p, e). Example `k` of the stream (epoch
 (seed, p, k). Batch `j` holds examples `j*b .. j*b+b-1`. Starting at step
 `K` therefore starts at epoch `K*b // m` and skips `K*b % m` examples, which
 are only read as encoded records (never decoded), so a resume costs at most
-one epoch of record reads. Images that cannot be decoded are dropped after
-the index is assigned: they shift later batches by one example but never
-change which example gets which augmentation.
+one epoch of record reads. Bad images (`sanitize`: undecodable, empty, too
+large) are dropped after the index is assigned: they shift later batches by
+one example but never change which example gets which augmentation.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import contract
+from input_pipeline import sanitize
 from input_pipeline import shapes
 
 # Keep TensorFlow off accelerators: JAX owns them.
@@ -246,14 +247,18 @@ def finish(ds: tf.data.Dataset, preprocess: Callable[..., Features],
            data_cfg: ml_collections.ConfigDict, batch: int, *,
            pad: Features | None = None, num_batches: int | None = None
            ) -> tf.data.Dataset:
-  """Preprocess `(index, example)`, skip undecodable ones, pad, batch."""
+  """Preprocess `(index, example)`, skip bad ones (`sanitize`), pad, batch."""
   # num_parallel_calls -1 is tf.data.AUTOTUNE; the order stays deterministic.
-  ds = ds.map(lambda i, ex: {**preprocess(i, ex), INDEX_KEY: i},
+  ds = ds.map(lambda i, ex: {**sanitize.no_problems(), **preprocess(i, ex),
+                             INDEX_KEY: i},
               num_parallel_calls=data_cfg.num_parallel_calls)
   ds = ds.ignore_errors(log_warning=True)
   if pad is not None:
-    pad = {**pad, INDEX_KEY: tf.constant(-1, tf.int64)}
+    pad = {**sanitize.no_problems(), **pad,
+           INDEX_KEY: tf.constant(-1, tf.int64)}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+  ds = sanitize.drop_skipped(ds)  # After the padding: it carries the last.
+  if pad is not None:
     ds = ds.take(num_batches * batch)
   ds = ds.batch(batch, drop_remainder=True)
   options = tf.data.Options()
@@ -263,43 +268,56 @@ def finish(ds: tf.data.Dataset, preprocess: Callable[..., Features],
 
 
 class NumpyIterator:
-  """Iterates NumPy batches; counts (and warns about) skipped examples.
+  """Iterates NumPy batches; counts skipped examples and data problems.
 
-  `num_skipped` is the number of examples dropped because their image could
-  not be decoded, found from gaps in the internal stream index (for a one
-  pass iterator given `total`, trailing ones are counted at the end).
+  `num_skipped`: examples skipped (bad images), from gaps in the stream
+  index (one pass, given `total`: trailing ones too). `data_problems()`:
+  counts per kind so far (`sanitize`), logged when they change.
   """
 
   def __init__(self, ds: tf.data.Dataset, name: str, first_index: int = 0,
                total: int | None = None):
     self._it = ds.as_numpy_iterator()
-    self._name = name
     self._next_index = first_index
     self._total = total
+    self._tally = sanitize.Tally(name)
     self.num_skipped = 0
 
   def __iter__(self) -> NumpyIterator:
     return self
 
-  def _count(self, skipped: int) -> None:
-    if skipped > 0:
-      self.num_skipped += skipped
-      logging.warning('%s: skipped %d undecodable image(s) (%d so far).',
-                      self._name, skipped, self.num_skipped)
+  @property
+  def position(self) -> int:
+    """Stream index after the last example yielded or skipped."""
+    return self._next_index
+
+  def data_problems(self) -> dict[str, int]:
+    """Counts per kind (`sanitize.KINDS`) of what this iterator met."""
+    return self._tally.counts()
+
+  def _skip(self, skipped: int, next_index: int) -> None:
+    self.num_skipped += skipped
+    self._next_index = next_index
+    self._tally.set_skipped(self.num_skipped)
 
   def __next__(self) -> dict[str, np.ndarray]:
     try:
       batch = next(self._it)
     except StopIteration:
       if self._total is not None:
-        self._count(self._total - self._next_index)
-        self._next_index = self._total
+        self._skip(self._total - self._next_index, self._total)
+      self._tally.log(force=True)
       raise
     index = batch.pop(INDEX_KEY)
-    index = index[index >= 0]
-    if index.size:
-      self._count(int(index[-1]) + 1 - self._next_index - index.size)
-      self._next_index = int(index[-1]) + 1
+    self._tally.add(batch.pop(sanitize.PROBLEMS_KEY))
+    del batch[sanitize.KEEP_KEY]
+    real = index[index >= 0]
+    if real.size:
+      last = int(real[-1]) + 1
+      self._skip(last - self._next_index - real.size, last)
+    if real.size < index.size and self._total is not None:  # Padding.
+      self._skip(self._total - self._next_index, self._total)
+    self._tally.log()
     return batch
 
 

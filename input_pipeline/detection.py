@@ -12,9 +12,10 @@ kept and a random crop of the output size (`resize_and_crop_image`,
 `resize_and_crop_boxes`), ImageNet normalisation (`normalize_image`), zero
 padding (bottom/right) to a square; boxes are mapped, clipped, emptied ones
 dropped, and padded to `max_instances` with class -1 (crowd boxes are dropped
-unless `skip_crowd_during_training` is False). Evaluation
-(`Parser._parse_eval_data`): long side resized to the output size and
-padded; boxes stay in original pixels, with `scale` to map predictions back.
+unless `skip_crowd_during_training` is False). Malformed images and boxes
+are skipped, repaired or dropped, and counted, as `sanitize` describes.
+Evaluation (`Parser._parse_eval_data`): long side resized to the output size
+and padded; boxes stay in original pixels, with `scale` to map predictions back.
 
 Class ids: `coco` (80 TFDS labels) -> COCO category ids 1..90 (the 91-slot
 layout, `contract.COCO_CATEGORY_IDS`); any other dataset: TFDS label + 1.
@@ -31,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from input_pipeline import common
 from input_pipeline import contract
+from input_pipeline import sanitize
 
 Features = common.Features
 
@@ -53,18 +55,25 @@ def class_mapper(builder: tfds.core.DatasetBuilder
 
 
 def _objects(ex: Features, class_fn, skip_crowd: bool
-             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """Normalised boxes [N, 4], class ids [N] and is_crowd [N] of an example."""
+             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Repaired normalised boxes [N, 4], class ids [N], is_crowd [N] and the
+  problem vector of an example's boxes (`sanitize.clean_boxes`)."""
   obj = ex['objects']
   boxes = tf.reshape(tf.cast(obj['bbox'], tf.float32), [-1, 4])
   classes = class_fn(tf.cast(obj['label'], tf.int32))
   crowd = (tf.cast(obj['is_crowd'], tf.bool) if 'is_crowd' in obj
            else tf.zeros_like(classes, tf.bool))
+  boxes, keep, problems = sanitize.clean_boxes(boxes)
   if skip_crowd:
-    keep = tf.logical_not(crowd)
-    boxes, classes, crowd = (tf.boolean_mask(t, keep)
-                             for t in (boxes, classes, crowd))
-  return boxes, classes, crowd
+    keep = tf.logical_and(keep, tf.logical_not(crowd))
+  boxes, classes, crowd = (tf.boolean_mask(t, keep)
+                           for t in (boxes, classes, crowd))
+  return boxes, classes, crowd, problems
+
+
+def _over_max(boxes: tf.Tensor, max_instances: int) -> tf.Tensor:
+  return sanitize.flags(box_over_max_instances=tf.maximum(
+      tf.shape(boxes)[0] - max_instances, 0))
 
 
 def _pad_objects(boxes, classes, crowd, max_instances: int
@@ -120,10 +129,12 @@ def jitter_and_crop(image: tf.Tensor, boxes: tf.Tensor, key: tf.Tensor, *,
 
 def preprocess_train(ex: Features, key: tf.Tensor, *, size: int,
                      scale_min: float, scale_max: float, max_instances: int,
-                     class_fn, skip_crowd: bool = True) -> Features:
+                     class_fn, skip_crowd: bool = True,
+                     max_pixels: int = sanitize.MAX_IMAGE_PIXELS) -> Features:
   """One training example -> fixed-shape features (see module docstring)."""
-  image = common.decode_image(ex['image'])
-  boxes, classes, crowd = _objects(ex, class_fn, skip_crowd)
+  encoded, image_problems, ok = sanitize.check_image(ex['image'], max_pixels)
+  image = common.decode_image(encoded)
+  boxes, classes, crowd, box_problems = _objects(ex, class_fn, skip_crowd)
   image, boxes = jitter_and_crop(image, boxes, key, size=size,
                                  scale_min=scale_min, scale_max=scale_max)
   image = tf.image.pad_to_bounding_box(common.normalize(image), 0, 0, size,
@@ -131,22 +142,28 @@ def preprocess_train(ex: Features, key: tf.Tensor, *, size: int,
   keep = tf.logical_and(boxes[:, 2] > boxes[:, 0], boxes[:, 3] > boxes[:, 1])
   boxes, classes, crowd = (tf.boolean_mask(t, keep)
                            for t in (boxes, classes, crowd))
+  over = _over_max(boxes, max_instances)
   boxes, classes, crowd = _pad_objects(boxes, classes, crowd, max_instances)
   return {'image': tf.ensure_shape(image, [size, size, 3]), 'boxes': boxes,
-          'classes': classes, 'is_crowd': crowd}
+          'classes': classes, 'is_crowd': crowd,
+          **sanitize.outputs(ok, image_problems, box_problems, over)}
 
 
 def preprocess_eval(ex: Features, image_id: tf.Tensor, *, size: int,
-                    max_instances: int, class_fn) -> Features:
+                    max_instances: int, class_fn,
+                    max_pixels: int = sanitize.MAX_IMAGE_PIXELS) -> Features:
   """Resize the long side to `size`, pad; ground truth in original pixels."""
-  image = common.decode_image(ex['image'])
+  encoded, image_problems, ok = sanitize.check_image(ex['image'], max_pixels)
+  image = common.decode_image(encoded)
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = tf.reduce_min(size / hw)
   new_hw = tf.clip_by_value(tf.round(hw * scale), 1.0, size)
   image = common.scale_and_crop(image, new_hw, tf.stack([scale, scale]))
   image = tf.image.pad_to_bounding_box(common.normalize(image), 0, 0, size,
                                        size)
-  boxes, classes, crowd = _objects(ex, class_fn, skip_crowd=False)
+  boxes, classes, crowd, box_problems = _objects(ex, class_fn,
+                                                 skip_crowd=False)
+  over = _over_max(boxes, max_instances)
   boxes, classes, crowd = _pad_objects(boxes * tf.tile(hw, [2]), classes,
                                        crowd, max_instances)
   if 'image/id' in ex:
@@ -155,7 +172,8 @@ def preprocess_eval(ex: Features, image_id: tf.Tensor, *, size: int,
           'image_id': image_id, 'scale': scale,
           'orig_size': tf.cast(hw, tf.int32), 'gt_boxes': boxes,
           'gt_classes': classes, 'gt_is_crowd': crowd,
-          'mask': tf.constant(True)}
+          'mask': tf.constant(True),
+          **sanitize.outputs(ok, image_problems, box_problems, over)}
 
 
 def train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
@@ -183,7 +201,8 @@ def train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
         preprocess_train, size=data_cfg.image_size,
         scale_min=data_cfg.aug_scale_min, scale_max=data_cfg.aug_scale_max,
         max_instances=data_cfg.max_instances, class_fn=class_mapper(builder),
-        skip_crowd=data_cfg.skip_crowd_during_training)
+        skip_crowd=data_cfg.skip_crowd_during_training,
+        max_pixels=sanitize.max_image_pixels(data_cfg))
 
   return common.build_train_iterator(
       data_cfg, make_preprocess, batch_size=batch_size, seed=seed,
@@ -208,7 +227,8 @@ def eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
                       ) -> common.Preprocess:
     return functools.partial(
         preprocess_eval, size=data_cfg.image_size,
-        max_instances=data_cfg.max_instances, class_fn=class_mapper(builder))
+        max_instances=data_cfg.max_instances, class_fn=class_mapper(builder),
+        max_pixels=sanitize.max_image_pixels(data_cfg))
 
   return common.build_eval_iterator(
       data_cfg, make_preprocess, _eval_padding(data_cfg),
