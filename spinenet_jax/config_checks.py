@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from typing import Any, NoReturn
 
 import jax
@@ -59,13 +60,16 @@ def _is_number(v: Any) -> bool:
   return _is_int(v, (int, float))
 
 
-def _one_of(path: str, value: Any, choices: Any, what: str) -> None:
-  """Fails unless `value` is one of `choices`, suggesting the nearest."""
+def _one_of(path: str, value: Any, choices: Any, what: str,
+            nearest: Any = None) -> None:
+  """Fails unless `value` is one of `choices`, suggesting the nearest (by
+  `nearest(value, choices)` if given, else by spelling)."""
   choices = list(choices)
   if value in choices:
     return
   same_case = [c for c in choices if str(c).lower() == str(value).lower()]
-  near = same_case or difflib.get_close_matches(str(value), choices, 1)
+  near = same_case or (nearest and nearest(value, choices)) or (
+      difflib.get_close_matches(str(value), choices, 1))
   fix = f'did you mean {near[0]!r}? Otherwise use' if near else 'use'
   _fail(path, value, f'is not a known {what}', f'{fix} one of {choices}')
 
@@ -133,13 +137,26 @@ def check_keys(config: ml_collections.ConfigDict,
       check_keys(config[key], allowed, path)
 
 
+def nearest_model_id(value: Any, ids: list[str]) -> list[str]:
+  """[the id with the same suffix and the closest number] ('48' -> '49',
+  '100_mobile' -> '49_mobile'), or [] when none shares the suffix."""
+  m = re.fullmatch(r'(\d+)(.*)', str(value))
+  if not m:
+    return []
+  same = [(abs(int(i.group(1)) - int(m.group(1))), i.group(0))
+          for i in map(lambda x: re.fullmatch(r'(\d+)(.*)', x), ids)
+          if i and i.group(2).lower() == m.group(2).lower()]
+  return [min(same)[1]] if same else []
+
+
 def check_model(config: ml_collections.ConfigDict) -> int:
   """Model id, levels, permutation, rates, classes; returns the highest
   level of the backbone (its input size must divide by 2 to that power)."""
   m = config.model
   ids = sorted(specs_lib.SCALING_MAP) + specs_lib.mobile_model_ids()
   model_id = m.get('model_id', '49')
-  _one_of('model.model_id', model_id, ids, 'SpineNet model id')
+  _one_of('model.model_id', model_id, ids, 'SpineNet model id',
+          nearest_model_id)
   if m.get('activation') is not None:
     _one_of('model.activation', m.activation, sorted(layers.ACTIVATIONS),
             'activation')

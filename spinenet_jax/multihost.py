@@ -18,6 +18,14 @@ def any_process(flag: bool) -> bool:
       np.array([flag], np.int32))))
 
 
+def sum_over_processes(values: list[int]) -> np.ndarray:
+  """Element-wise sums of `values` over the processes (a collective)."""
+  values = np.asarray(values, np.int64)
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.process_allgather(values)).sum(0)
+
+
 def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
   """A barrier of the distributed runtime's coordination service.
 

@@ -214,6 +214,17 @@ def _log_line(step: int, total: int, means: dict[str, float]) -> str:
   return f'step {step}/{total} {parts} lr={means["learning_rate"]:.4g}'
 
 
+def data_metrics(iterator: Any, prefix: str) -> dict[str, int]:
+  """`<prefix>/<kind>`: the iterator's nonzero counts of malformed records
+  so far (input_pipeline/sanitize.py), summed over processes (a
+  collective); {} for iterators that do not count."""
+  if not hasattr(iterator, 'data_problems'):
+    return {}
+  counts = iterator.data_problems()
+  totals = multihost.sum_over_processes(list(counts.values()))
+  return {f'{prefix}/{k}': int(n) for k, n in zip(counts, totals) if n}
+
+
 # ---------------------------------------------------------------------- loop
 
 
@@ -265,7 +276,7 @@ def _train(run: _Run, preempt: Preemption, lr_scale: float) -> dict[str, Any]:
     batches = task.data.eval_iterator(
         config.data, batch_size=config.eval_batch_size or config.batch_size)
     metrics = task.evaluate(eval_step, state.eval_variables(), batches, mesh)
-    writer.write(step, metrics)
+    writer.write(step, {**metrics, **data_metrics(batches, 'eval_data')})
     writer.print(f'Evaluation at step {step} ({time.time() - t:.0f} s):')
     writer.print(task.report(metrics))
     return metrics
@@ -310,7 +321,7 @@ def _train(run: _Run, preempt: Preemption, lr_scale: float) -> dict[str, Any]:
       if lap is not None:
         means['examples_per_sec'] = lap[0]
         speed = f' {lap[0]:.1f} ex/s ETA {lap[1] / 60:.1f} min'
-      writer.write(step, means)
+      writer.write(step, {**means, **data_metrics(train_iter, 'data')})
       writer.print(_log_line(step, total, means) + speed)
     if save_now:
       checkpoints.save(manager, step, state, force=True)

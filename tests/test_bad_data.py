@@ -26,6 +26,7 @@ from input_pipeline import classification
 from input_pipeline import common
 from input_pipeline import detection
 from input_pipeline import sanitize
+from spinenet_jax import train_lib
 from tests import test_input_pipeline as tip
 
 # pylint: disable=protected-access
@@ -326,6 +327,9 @@ def _summaries(caplog, name):
 def _check_problems(it, records, caplog, name, final):
   expected = _expected_counts(records)
   assert it.data_problems() == expected
+  # What train_lib writes to metrics.jsonl at log steps and evaluations.
+  assert train_lib.data_metrics(it, 'data') == {
+      f'data/{k}': n for k, n in expected.items() if n}
   assert it.num_skipped == sum(not r['used'] for r in records)
   lines = _summaries(caplog, name)
   assert lines
