@@ -350,7 +350,11 @@ def main() -> None:
   root.mkdir(parents=True, exist_ok=True)
   print(f'Scratch: {root}; load: {os.getloadavg()[0]:.2f} on '
         f'{os.cpu_count()} cores', flush=True)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from input_pipeline import common  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+  logging.set_verbosity(logging.ERROR)
   common.get_builder(tiny.load_config(
       'demo', {**OVERRIDES, 'data.data_dir': str(root / 'tfds')}).data)
   base = root / 'base'
