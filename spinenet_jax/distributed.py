@@ -22,8 +22,8 @@ Limitation: when process 0 itself dies, the service dies with it and the
 survivors' clients usually abort at once (0.3 s; SIGABRT, exit -6) with
 JAX's message ("the leader task was preempted/died") followed by absl's
 Python thread dump; that path is inside the runtime's client, whose error
-callback cannot be replaced from Python. In about 1 run of 5 the watcher
-is first and prints its line with exit 1.
+callback cannot be replaced from Python. In 1 of 6 tries the watcher
+was first and printed its line with exit 1.
 """
 
 from __future__ import annotations

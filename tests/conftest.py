@@ -55,8 +55,23 @@ def pytest_runtest_protocol(item, nextitem):
     _running.pop()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Carries the test's compile seconds in its teardown report, which
+  reaches the controller process under pytest-xdist too."""
+  del item
+  outcome = yield
+  if call.when == 'teardown':
+    report = outcome.get_result()
+    report.user_properties.append(
+        ('compile_s', _compile_secs.get(report.nodeid, 0.0)))
+
+
 def pytest_runtest_logreport(report):
   _test_secs[report.nodeid] += report.duration
+  for key, value in report.user_properties:
+    if key == 'compile_s':
+      _compile_secs[report.nodeid] = value
 
 
 def pytest_terminal_summary(terminalreporter):
