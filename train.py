@@ -30,6 +30,12 @@ flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.DEFINE_integer('heartbeat_timeout_s', 30,
                      'Multi-process: a process silent this long counts as '
                      'dead, and the others stop.')
+flags.DEFINE_string(
+    'compilation_cache_dir',
+    os.path.join(os.path.expanduser('~'), '.cache', 'spinenet_jax', 'xla'),
+    'Persistent XLA compilation cache: a rerun or resume with the same '
+    'model, shapes and devices skips compiling. Empty: off. The '
+    'JAX_COMPILATION_CACHE_DIR environment variable wins.')
 flags.DEFINE_integer('num_cpu_devices', None,
                      'Simulate this many CPU devices (testing).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -52,6 +58,8 @@ def main(argv):
   if FLAGS.num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
   initialize_distributed()
+  if FLAGS.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
   logging.set_verbosity(logging.WARNING)
   # After distributed initialisation.
   from spinenet_jax import checkpoints  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,8 @@ fails first (gloo's "Connection closed by peer" on CPU) is held back by
 
 Recoverable processes do not wait for each other at shutdown, so
 `shutdown` does: a barrier, then process 0 (which hosts the service) waits
-for the others to disconnect before it stops.
+for the others to disconnect, and for their disconnect replies, before it
+stops.
 
 Limitation: when process 0 itself dies, the service dies with it and the
 survivors' clients usually abort at once (0.3 s; SIGABRT, exit -6) with
@@ -42,6 +43,10 @@ from spinenet_jax import quiet_restore
 HEARTBEAT_TIMEOUT_S = 30  # A process silent this long counts as dead.
 POLL_S = 1.0
 SHUTDOWN_TIMEOUT_S = 300  # How long processes wait for each other at exit.
+# The service counts a process as gone when its disconnect request arrives,
+# before it replies; stopping the service in between cancels the reply, and
+# that process then aborts (seen under load).
+SHUTDOWN_GRACE_S = 2.0
 
 _stop_watching = threading.Event()
 _heartbeat_timeout_s = [HEARTBEAT_TIMEOUT_S]
@@ -153,6 +158,7 @@ def shutdown(timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
       deadline = time.monotonic() + timeout_s
       while client.get_live_nodes(others) and time.monotonic() < deadline:
         time.sleep(0.05)
+      time.sleep(SHUTDOWN_GRACE_S)
   except Exception:  # pylint: disable=broad-except  # A peer never came.
     pass
   jax.distributed.shutdown()

@@ -285,7 +285,9 @@ def _train(run: _Run, preempt: Preemption, lr_scale: float) -> dict[str, Any]:
   batch = None
   if start < total:
     batch = next_batch()
+    t = time.time()
     train_step = multihost.compile_then_sync(train_step, state, batch)
+    writer.print(f'Compiled the train step in {time.time() - t:.1f} s.')
 
   # ------------------------------------------------------------ training
   timer = Throughput(config.batch_size, total)
