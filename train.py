@@ -21,6 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 from spinenet_jax import distributed  # noqa: E402  # Starts no backend.
 
 FLAGS = flags.FLAGS
+CACHE_MAX_BYTES = 4 << 30  # Least recently used entries go beyond this.
 config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.')
@@ -60,6 +61,8 @@ def main(argv):
   initialize_distributed()
   if FLAGS.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
+    if jax.config.jax_compilation_cache_max_size < 0:  # Unbounded by default.
+      jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
   logging.set_verbosity(logging.WARNING)
   # After distributed initialisation.
   from spinenet_jax import checkpoints  # pylint: disable=g-import-not-at-top
