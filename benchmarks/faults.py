@@ -133,6 +133,7 @@ def pair(root: Path, workdir: Path, name: str, overrides: dict) -> list[Run]:
 
 
 def report(case: str, ok: bool, what: str, seconds: float | None) -> bool:
+  """Prints the line of one case; returns `ok`."""
   took = '' if seconds is None else f'{seconds:6.1f} s'
   what = what if len(what) <= 160 else what[:156] + ' ...'
   print(f'{case:<40} {"ok  " if ok else "FAIL"} {took:>8}  {what}',
@@ -141,6 +142,7 @@ def report(case: str, ok: bool, what: str, seconds: float | None) -> bool:
 
 
 def final_loss(workdir: Path) -> float | None:
+  """The training loss logged at the last step."""
   path = workdir / 'metrics.jsonl'
   records = [json.loads(l) for l in path.read_text().splitlines()]
   losses = [r['loss'] for r in records if r.get('step') == STEPS
@@ -149,6 +151,7 @@ def final_loss(workdir: Path) -> float | None:
 
 
 def copy_run(base: Path, workdir: Path, steps=(4, 8)) -> Path:
+  """A new workdir with `base`'s config and checkpoints `steps`."""
   for step in steps:
     shutil.copytree(base / 'checkpoints' / str(step),
                     workdir / 'checkpoints' / str(step))
@@ -160,6 +163,7 @@ def copy_run(base: Path, workdir: Path, steps=(4, 8)) -> Path:
 
 
 def damaged(root: Path, base: Path) -> bool:
+  """Damaged newest checkpoint (each kind), all damaged, another config."""
   ok = True
   for kind, damage in fault_injection.DAMAGE.items():
     workdir = copy_run(base, root / f'damaged_{kind}')
@@ -170,10 +174,12 @@ def damaged(root: Path, base: Path) -> bool:
     rc = run.wait()
     same = final_loss(workdir) == final_loss(base)
     moved = (workdir / 'checkpoints' / '8.corrupt').is_dir()
-    good = rc == 0 and 'Resumed from' in run.log and moved and same
+    resumed = f"Resumed from {workdir / 'checkpoints'}/4." in run.log
+    good = rc == 0 and resumed and moved and same
     ok &= report(f'damaged latest checkpoint: {kind}', good,
-                 f'exit {rc}, 8 moved to 8.corrupt: {moved}, resumed from 4, '
-                 f'final loss equal to the uninterrupted run: {same}',
+                 f'exit {rc}, 8 moved to 8.corrupt: {moved}, resumed from '
+                 f'4: {resumed}, final loss equal to the uninterrupted run: '
+                 f'{same}',
                  recovered)
   workdir = copy_run(base, root / 'all_damaged')
   fault_injection.garbage_manifest(str(workdir / 'checkpoints' / '4'))
@@ -193,6 +199,7 @@ def damaged(root: Path, base: Path) -> bool:
 
 
 def locks_and_sigterm(root: Path, base: Path) -> bool:
+  """A locked workdir, SIGTERM on one process, a stale lock."""
   workdir = root / 'locked'
   first = Run(root, workdir, 'locked.first', LONG, '--num_cpu_devices=8')
   first.wait_for('step 1/')
@@ -224,6 +231,7 @@ def locks_and_sigterm(root: Path, base: Path) -> bool:
 
 
 def peers(root: Path) -> bool:
+  """Two processes: SIGKILL on process 1, on process 0; SIGTERM on 1."""
   ok = True
   for victim in (1, 0):
     workdir = root / f'peer_kill_{victim}'
@@ -262,6 +270,7 @@ def peers(root: Path) -> bool:
 
 
 def nan(root: Path, base: Path) -> bool:
+  """A NaN batch at step NAN_STEP with nan_policy stop, then rollback."""
   workdir = copy_run(base, root / 'nan_stop', steps=(4,))
   run = Run(root, workdir, 'nan_stop', OVERRIDES, '--num_cpu_devices=8',
             nan=True)
@@ -286,6 +295,7 @@ def nan(root: Path, base: Path) -> bool:
 
 
 def bad_configs(root: Path) -> bool:
+  """The 12 bad configs of BAD_CONFIGS, each through train.py."""
   ok = True
   for i, (name, change, expect) in enumerate(BAD_CONFIGS):
     config = 'demo'
