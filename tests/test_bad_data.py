@@ -361,20 +361,29 @@ def _tensors(example):
   return tf.nest.map_structure(tf.constant, example)
 
 
+def _eval_pass(pipeline, cfg, records, caplog, name, id_key, id_offset):
+  """One pass of `pipeline.eval_iterator`: every batch there, the used
+  records in order (`id_key` = `id_offset` + index) and their problems
+  counted. Returns the iterator and its batches."""
+  with caplog.at_level(logging.WARNING):
+    it = pipeline.eval_iterator(cfg, batch_size=BATCH)
+    batches = list(it)
+  assert len(batches) == -(-len(records) // BATCH)
+  ids = np.concatenate([b[id_key][b['mask']] for b in batches])
+  np.testing.assert_array_equal(
+      ids, [id_offset + r['index'] for r in records if r['used']])
+  _check_problems(it, records, caplog, name, final=True)
+  return it, batches
+
+
 # --------------------------------------------------------------- detection
 
 
 def test_detection_eval_on_bad_data(corpus, caplog):
   records, configs = corpus
   records, cfg = records['det'][::-1], configs['det']  # Validation order.
-  with caplog.at_level(logging.WARNING):
-    it = detection.eval_iterator(cfg, batch_size=BATCH)
-    batches = list(it)
-  assert len(batches) == -(-len(records) // BATCH)
-  ids = np.concatenate([b['image_id'][b['mask']] for b in batches])
-  np.testing.assert_array_equal(
-      ids, [1000 + r['index'] for r in records if r['used']])
-  _check_problems(it, records, caplog, 'coco/2017 eval', final=True)
+  it, batches = _eval_pass(detection, cfg, records, caplog, 'coco/2017 eval',
+                           'image_id', 1000)
   assert it.data_problems()['box_over_max_instances'] == 9
   keys = ('image', 'scale', 'orig_size', 'gt_boxes', 'gt_classes',
           'gt_is_crowd')
@@ -440,14 +449,8 @@ def test_detection_train_on_bad_data(corpus, caplog):
 def test_classification_eval_on_bad_data(corpus, caplog):
   records, configs = corpus
   records, cfg = records['cls'][::-1], configs['cls']
-  with caplog.at_level(logging.WARNING):
-    it = classification.eval_iterator(cfg, batch_size=BATCH)
-    batches = list(it)
-  assert len(batches) == -(-len(records) // BATCH)
-  labels = np.concatenate([b['label'][b['mask']] for b in batches])
-  np.testing.assert_array_equal(
-      labels, [r['index'] for r in records if r['used']])
-  _check_problems(it, records, caplog, 'imagenet2012 eval', final=True)
+  _, batches = _eval_pass(classification, cfg, records, caplog,
+                          'imagenet2012 eval', 'label', 0)
   rows = _rows(batches, ('image',), 'label')
   for r in records:  # Solid colours, converted to RGB where needed.
     if r['used']:
