@@ -59,6 +59,23 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
+def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 1x1 convolution of NHWC `x` (or a `[B, C]` vector) with `[C, D]`.
+
+  A matmul over channels (several times faster than XLA:CPU's convolution;
+  benchmarks/README.md), except on a 1x1 map, where it is XLA's convolution
+  (the same numbers): TFLite's converter turns a matmul of a 1x1 map into a
+  rank-4 batch matmul that it then rejects.
+  """
+  if x.ndim == 2:
+    return x @ kernel
+  if x.shape[1:3] == (1, 1):
+    return jax.lax.conv_general_dilated(
+        x, kernel[None, None], (1, 1), 'VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jnp.einsum('bhwc,cd->bhwd', x, kernel)
+
+
 class Conv(nn.Module):
   """2-D convolution with 'SAME' padding and an HWIO `kernel`.
 
@@ -85,7 +102,7 @@ class Conv(nn.Module):
     if k == 1:
       if s > 1:  # TF 'SAME' with a 1x1 kernel pads nothing: plain subsampling.
         x = x[:, ::s, ::s, :]
-      y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+      y = pointwise(x, kernel[0, 0])
     else:
       y = conv_impl.conv(x, kernel, s, self.impl)
     if self.use_bias:
@@ -313,7 +330,7 @@ class SeparableConv(nn.Module):
     pw = self.param('pointwise_kernel', self.pointwise_init,
                     (1, 1, c, self.features), jnp.float32)
     y = _depthwise(x.astype(self.dtype), dw.astype(self.dtype), self.strides)
-    y = jnp.einsum('bhwc,cd->bhwd', y, pw[0, 0].astype(self.dtype))
+    y = pointwise(y, pw[0, 0].astype(self.dtype))
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -339,12 +356,14 @@ class SqueezeExcitation(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     reduced = max(1, int(self.in_filters * self.se_ratio))
-    s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    # [B, C] and 2-D matmuls, not [B, 1, 1, C] (the same numbers): TFLite's
+    # converter rejects a rank-4 batch matmul of a 1x1 map.
+    s = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     s = self.conv(reduced, 1, use_bias=True, name='reduce')(s)
     s = get_activation(self.activation)(s)
     s = self.conv(x.shape[-1], 1, use_bias=True, name='expand')(s)
     s = get_activation(self.gating_activation)(s)
-    return x * s.astype(x.dtype)
+    return x * s[:, None, None, :].astype(x.dtype)
 
 
 class InvertedBottleneckBlock(nn.Module):

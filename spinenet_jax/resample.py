@@ -33,7 +33,8 @@ def max_pool(x: jax.Array) -> jax.Array:
   It is bitwise the same: each output's gradient goes to the first maximum
   of its window in row-major order, ties included.
   """
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+  return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2),
+                     padding='SAME')
 
 
 def _max_pool_fwd(x):
