@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline import contract
 from spinenet_jax import cli
 from spinenet_jax import export_loader
 from spinenet_jax import export_report
@@ -71,7 +70,7 @@ class Request:
   quantize: str = 'none'
   platforms: tuple[str, ...] = DEFAULT_PLATFORMS
   dtype: str = 'float32'
-  score_threshold: float | None = None  # Detector; None: the run's eval.
+  score_threshold: float | None = None  # The detector's; None otherwise.
 
   @property
   def input_shape(self) -> tuple[int | None, int, int, int]:
@@ -156,17 +155,13 @@ def check_request(run: inference.Run, fmt: str, what: str | None = None,
                       '--quantize for smaller TFLite models); drop --dtype.')
   if score_threshold is not None and what != 'detector':
     raise ExportError('--score_threshold is for --what=detector only.')
+  if what == 'detector' and score_threshold is None:
+    score_threshold = run.config.eval.score_threshold
   return Request(fmt, what, batch, size, quantize, platforms, dtype,
                  score_threshold)
 
 
 # ------------------------------------------------------------ the graphs
-
-
-def normalize(images: jax.Array) -> jax.Array:
-  """uint8 RGB -> the network's input, as `inference` normalises."""
-  x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.array(contract.MEAN_RGB)) / jnp.array(contract.STDDEV_RGB)
 
 
 def _backbone_variables(variables: dict[str, Any]) -> dict[str, Any]:
@@ -176,48 +171,47 @@ def _backbone_variables(variables: dict[str, Any]) -> dict[str, Any]:
 
 def export_model(run: inference.Run, request: Request):
   """The run's model in the request's dtype (float32 by default, whatever
-  the training dtype), with XLA's convolutions unless the artifact is for
-  CPU only (im2col matmuls suit XLA:CPU only; converters map XLA's
-  convolutions to their own conv ops)."""
-  # ONNX keeps the run's choice too: with XLA's convolutions everywhere,
-  # jax2onnx's transpose-pair optimisation runs for many minutes.
-  cpu_only = (request.platforms == ('cpu',) and request.format == 'jax'
-              or request.format == 'onnx')  # (Slower still with them.)
+  the training dtype). Its convolutions are XLA's (which the TFLite
+  converter maps to its own conv ops, and which suit GPUs and TPUs) except
+  in CPU-only jax artifacts, where im2col matmuls are faster, and in ONNX,
+  where jax2onnx's transpose optimisation is much slower with them."""
+  keep = (request.format == 'onnx' or
+          request.format == 'jax' and request.platforms == ('cpu',))
   return run.model.clone(dtype=models.get_dtype(request.dtype),
-                         conv_impl=run.model.conv_impl if cpu_only else 'xla')
+                         conv_impl=run.model.conv_impl if keep else 'xla')
 
 
 def serving_function(run: inference.Run, request: Request) -> ServingFn:
   """`fn(variables, uint8 images) -> {name: array}` for `request.what`."""
-  model, what, size = export_model(run, request), request.what, request.image_size
+  model = export_model(run, request)
+  what, size = request.what, request.image_size
   if what == 'backbone':
     backbone = model.backbone()
 
     def fn(variables, images):
       feats = backbone.apply(_backbone_variables(variables),
-                             normalize(images), train=False)
+                             inference.normalize(images), train=False)
       return {f'features_l{l}': v for l, v in sorted(feats.items())}
   elif what == 'classifier':
     def fn(variables, images):
-      logits = model.apply(variables, normalize(images), train=False)
+      logits = model.apply(variables, inference.normalize(images), train=False)
       return {'logits': logits, 'probabilities': jax.nn.softmax(logits)}
   elif what == 'raw':
     def fn(variables, images):
-      out = model.apply(variables, normalize(images), train=False)
+      out = model.apply(variables, inference.normalize(images), train=False)
       return {f'{k}_l{l}': v for k in ('cls_outputs', 'box_outputs')
               for l, v in sorted(out[k].items())}
   else:
     ec = run.config.eval
-    threshold = (ec.score_threshold if request.score_threshold is None
-                 else request.score_threshold)
     anchors = model.anchors(size)
 
     def fn(variables, images):
-      out = model.apply(variables, normalize(images), train=False)
+      out = model.apply(variables, inference.normalize(images), train=False)
       # vmap, not the CPU loop: it takes a symbolic batch and suits GPUs.
       return postprocess.detect(
           out['cls_outputs'], out['box_outputs'], anchors, (size, size),
-          pre_nms_top_k=ec.pre_nms_top_k, score_threshold=threshold,
+          pre_nms_top_k=ec.pre_nms_top_k,
+          score_threshold=request.score_threshold,
           iou_threshold=ec.iou_threshold, max_detections=ec.max_detections,
           vectorize=True)
   return fn
@@ -278,8 +272,8 @@ def export_run(run: inference.Run, fmt: str, output: str,
   """Writes `run` as `fmt` into `output`, checks it, returns the manifest.
 
   The artifact is run on `export_report.NUM_CHECK_IMAGES` shapes images and
-  compared with the JAX model; a float artifact beyond tolerance raises (a quantized one
-  only records its difference).
+  compared with the JAX model; a float artifact beyond tolerance raises (a
+  quantized one only records its difference).
   """
   request = check_request(run, fmt, what, batch, image_size, quantize,
                           platforms, dtype, score_threshold)

@@ -202,9 +202,7 @@ def manifest(run: Any, request: Any, file: str, output: str,
       'postprocessing': ({
           'boxes': 'ymin, xmin, ymax, xmax in input pixels; divide by the '
                    'resize scale for the original image',
-          'score_threshold': (ec.score_threshold
-                              if request.score_threshold is None
-                              else request.score_threshold),
+          'score_threshold': request.score_threshold,
           'iou_threshold': ec.iou_threshold,
           'pre_nms_top_k': ec.pre_nms_top_k,
           'max_detections': ec.max_detections}

@@ -157,7 +157,9 @@ def _as_list(images) -> list[np.ndarray]:
   return out
 
 
-def _normalize(image: jax.Array) -> jax.Array:
+def normalize(image: jax.Array) -> jax.Array:
+  """uint8 (or float) RGB pixels -> the network's input (ImageNet mean and
+  standard deviation, as the input pipelines normalise)."""
   image = image.astype(jnp.float32) / 255.0
   return (image - jnp.array(contract.MEAN_RGB)) / jnp.array(
       contract.STDDEV_RGB)
@@ -172,7 +174,7 @@ def _resize_and_pad(image, new_hw, size):
       image.astype(jnp.float32), (*new_hw, 3), (0, 1),
       jnp.array([scale, scale], jnp.float32), jnp.zeros(2, jnp.float32),
       method='linear', antialias=False)
-  out = _normalize(out)
+  out = normalize(out)
   return jnp.pad(out, ((0, size - new_hw[0]), (0, size - new_hw[1]), (0, 0)))
 
 
@@ -184,7 +186,7 @@ def _center_crop_resize(image, size):
   oy, ox = (h - crop + 1) // 2, (w - crop + 1) // 2
   image = image[oy:oy + crop, ox:ox + crop].astype(jnp.float32)
   image = jax.image.resize(image, (size, size, 3), 'bilinear', antialias=False)
-  return _normalize(image)
+  return normalize(image)
 
 
 def detection_inputs(images, size: int) -> tuple[np.ndarray, np.ndarray,
