@@ -6,7 +6,8 @@ from ml_collections import config_dict
 # TFDS names of the classification datasets the defaults know (any other
 # name gets the detection defaults).
 CLASSIFICATION_DATASETS = ('imagenet2012', 'imagenette', 'imagenet_v2',
-                           'cifar10', 'cifar100', 'mnist', 'oxford_flowers102')
+                           'cifar10', 'cifar100', 'mnist', 'oxford_flowers102',
+                           'image_folder')
 
 
 def is_shapes(name: str) -> bool:
@@ -46,6 +47,17 @@ def data_config(name: str = 'shapes/detection') -> ml_collections.ConfigDict:
       num_train_examples=config_dict.placeholder(int),
       num_eval_examples=config_dict.placeholder(int),
       shapes_image_size=config_dict.placeholder(int),
+      # Your own data (name 'coco_json', 'voc_xml', 'od_tfrecord' or
+      # 'image_folder'; input_pipeline/sources/, README "Your own data"):
+      # annotations = COCO JSON file / VOC ImageSets/Main/<set>.txt /
+      # TFRecord file pattern; images = COCO image folder / VOC JPEGImages
+      # (optional) / <class>/<image> root. Eval ones unset: no validation
+      # split (hold some out with train_split and eval_split 'train[..]').
+      train_annotations=config_dict.placeholder(str),
+      train_images=config_dict.placeholder(str),
+      eval_annotations=config_dict.placeholder(str),
+      eval_images=config_dict.placeholder(str),
+      label_map=config_dict.placeholder(str),  # od_tfrecord: JSON or pbtxt.
   ))
   if is_shapes(name):
     cfg.image_size = 256 if detection else 224

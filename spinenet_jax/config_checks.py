@@ -20,6 +20,7 @@ import ml_collections
 
 from configs import common
 from input_pipeline import contract
+from input_pipeline import sources
 from spinenet_jax import conv_impl
 from spinenet_jax import layers
 from spinenet_jax import models
@@ -192,6 +193,9 @@ def check_num_classes(config: ml_collections.ConfigDict) -> None:
   n, data = config.model.get('num_classes'), config.data
   detection = config.task == 'retinanet'
   name, offset = data.get('name', ''), data.get('label_offset', 0)
+  if sources.is_source(name):
+    _check_num_classes_of_source(config, n, detection)
+    return
   ids = contract.label_map(name, detection, offset)
   if ids:
     need = max(ids) + 1
@@ -210,6 +214,21 @@ def check_num_classes(config: ml_collections.ConfigDict) -> None:
           f'reserves class 0 for background and {why}',
           f'use {need} (the number of classes + 1 for background)')
   _fail('model.num_classes', n, f'is too small: {why}', f'use at least {need}')
+
+
+def _check_num_classes_of_source(config: ml_collections.ConfigDict, n: Any,
+                                 detection: bool) -> None:
+  """User data: num_classes must equal what the prepared data has."""
+  need = sources.num_classes(config.data, detection)
+  if n == need:
+    return
+  k = len(sources.dataset_meta(config.data)['classes'])
+  what = (f'the {config.data.name} data has {k} classes, + 1 for background'
+          if detection else f'the {config.data.name} data has {k} classes '
+          f'(+ label_offset={config.data.get("label_offset", 0)})')
+  _fail('model.num_classes', n, f'does not match the data: {what} = {need}',
+        f'set --config.model.num_classes={need}, or None in the config file '
+        'to take it from the data (configs/finetune.py does)')
 
 
 def data_shards(mesh: Any, num_devices: int) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from input_pipeline import common as data_common
+from input_pipeline import sources
 from spinenet_jax import checkpoints
 from spinenet_jax import config_checks
 from spinenet_jax import models
@@ -381,6 +382,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   t0 = time.time()
   # ----------------------------------------------------------- set-up
+  try:  # Prepares the user's data on first use.
+    config = sources.resolve_num_classes(config)
+  except (ValueError, FileNotFoundError) as e:
+    raise config_checks.ConfigError(str(e)) from e
   config_checks.validate(config)
   mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
