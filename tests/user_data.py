@@ -129,3 +129,117 @@ COCO_TRAIN_COUNTS = {
     'image_no_boxes': 1, 'box_nonfinite': 1, 'box_empty': 2,
     'box_outside': 1, 'box_clipped': 1, 'box_unknown_category': 1,
     'box_unknown_image': 1}
+
+
+def write_voc(root: str, n_train: int = 8, n_eval: int = 4) -> dict:
+  """A VOC folder (train and val sets) with a difficult object, a box past
+  the image, a missing XML and a missing image."""
+  voc = os.path.join(root, 'VOC')
+  for d in ('Annotations', 'JPEGImages', 'ImageSets/Main'):
+    os.makedirs(os.path.join(voc, d), exist_ok=True)
+  out = {}
+  for split, n, set_name in (('train', n_train, 'train'),
+                             ('eval', n_eval, 'val')):
+    names = []
+    for i, ex in enumerate(_examples(n, 'train' if split == 'train'
+                                     else 'validation')):
+      name = f'{set_name}_{i:04d}'
+      names.append(name)
+      if i == n - 1:  # Annotation without an image file.
+        pass
+      else:
+        _save(ex['image'], os.path.join(voc, 'JPEGImages', f'{name}.jpg'))
+      h, w = ex['image'].shape[:2]
+      objects = ''
+      for j, ((y0, x0, y1, x1), label) in enumerate(zip(ex['boxes'],
+                                                        ex['labels'])):
+        if split == 'train' and i == 0 and j == 0:
+          x1 = w + 50  # Past the image: clipped.
+        difficult = int(split == 'train' and i == 1 and j == 0)
+        objects += (f'<object><name>{NAMES[CATEGORY[int(label)]]}</name>'
+                    f'<difficult>{difficult}</difficult><bndbox>'
+                    f'<xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>'
+                    f'<xmax>{x1 + 1}</xmax><ymax>{y1 + 1}</ymax>'
+                    '</bndbox></object>')
+      with open(os.path.join(voc, 'Annotations', f'{name}.xml'), 'w') as f:
+        f.write(f'<annotation><filename>{name}.jpg</filename><size>'
+                f'<width>{w}</width><height>{h}</height><depth>3</depth>'
+                f'</size>{objects}</annotation>')
+    names.append(f'{set_name}_nofile')  # No XML.
+    with open(os.path.join(voc, 'ImageSets', 'Main', f'{set_name}.txt'),
+              'w') as f:
+      f.write('\n'.join(names) + '\n')
+    out[f'{split}_annotations'] = os.path.join(voc, 'ImageSets', 'Main',
+                                               f'{set_name}.txt')
+  return out
+
+
+def write_tfrecord(root: str, n_train: int = 8, n_eval: int = 4) -> dict:
+  """Model Garden-style TFRecords (2 files for training), with a label map,
+  an undecodable image and a NaN box."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  os.makedirs(root, exist_ok=True)
+
+  def feature(values, kind):
+    if kind == 'bytes':
+      return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+    if kind == 'float':
+      return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+  out = {}
+  for split, n in (('train', n_train), ('eval', n_eval)):
+    files = [os.path.join(root, f'{split}-{k:05d}-of-00002.tfrecord')
+             for k in range(2)]
+    writers = [tf.io.TFRecordWriter(f) for f in files]
+    for i, ex in enumerate(_examples(n, 'train' if split == 'train'
+                                     else 'validation')):
+      h, w = ex['image'].shape[:2]
+      buf = io.BytesIO()
+      Image.fromarray(ex['image']).save(buf, format='JPEG')
+      encoded = buf.getvalue() if i != 2 else b'corrupt'
+      boxes = ex['boxes'].astype(np.float32) / [h, w, h, w]
+      if split == 'train' and i == 0:
+        boxes[0, 0] = np.nan
+      labels = [CATEGORY[int(l)] for l in ex['labels']]
+      feats = {
+          'image/encoded': feature([encoded], 'bytes'),
+          'image/source_id': feature([str(500 + i).encode()], 'bytes'),
+          'image/height': feature([h], 'int'),
+          'image/width': feature([w], 'int'),
+          'image/object/bbox/ymin': feature(boxes[:, 0], 'float'),
+          'image/object/bbox/xmin': feature(boxes[:, 1], 'float'),
+          'image/object/bbox/ymax': feature(boxes[:, 2], 'float'),
+          'image/object/bbox/xmax': feature(boxes[:, 3], 'float'),
+          'image/object/class/label': feature(labels, 'int'),
+          'image/object/is_crowd': feature([0] * len(labels), 'int'),
+      }
+      writers[i % 2].write(tf.train.Example(features=tf.train.Features(
+          feature=feats)).SerializeToString())
+    for wr in writers:
+      wr.close()
+    out[f'{split}_annotations'] = os.path.join(root, f'{split}-*.tfrecord')
+  label_map = os.path.join(root, 'label_map.pbtxt')
+  with open(label_map, 'w') as f:
+    f.write(''.join(f"item {{\n  id: {c}\n  name: '{n}'\n}}\n"
+                    for c, n in NAMES.items()))
+  out['label_map'] = label_map
+  return out
+
+
+def write_folders(root: str, n_train: int = 9, n_eval: int = 3) -> dict:
+  """<class>/<image> folders with a grayscale PNG and a text file."""
+  out = {}
+  cfg = shapes.make_config('classification', image_size=(64, 96))
+  for split, n in (('train', n_train), ('eval', n_eval)):
+    folder = os.path.join(root, split)
+    for i in range(n):
+      ex = shapes.render(cfg, 'train' if split == 'train' else 'validation', i)
+      d = os.path.join(folder, NAMES[CATEGORY[int(ex['labels'][0])]])
+      os.makedirs(d, exist_ok=True)
+      _save(ex['image'], os.path.join(d, f'{i}.png' if i == 0 else
+                                      f'{i}.jpg'), 'L' if i == 0 else 'RGB')
+    with open(os.path.join(d, 'notes.txt'), 'w') as f:
+      f.write('not an image')
+    out[f'{split}_images'] = folder
+  return out
