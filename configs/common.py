@@ -109,6 +109,12 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
   # A NaN or infinite loss or gradient: 'stop' (keep the checkpoints, raise)
   # or 'rollback' (restore the last checkpoint, halve the learning rate and
   # continue, at most nan_max_rollbacks times); spinenet_jax/nonfinite.py.
+  # Fine-tuning (spinenet_jax/finetune.py): a run directory whose variables
+  # a fresh run starts from, and which: 'backbone' or 'backbone+head' (all
+  # that matches in shape; e.g. the class predictor is re-initialised when
+  # num_classes differs). Empty or None: from scratch.
+  c.init_from = config_dict.placeholder(str)
+  c.init_from_parts = 'backbone+head'
   c.nan_policy = 'stop'
   c.nan_max_rollbacks = 3
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -84,7 +84,8 @@ def get_builder(data_cfg: ml_collections.ConfigDict
       _SHAPES_BUILDERS[cache_key] = builder
     return _SHAPES_BUILDERS[cache_key]
   if sources.is_source(name):
-    return _own_data_builder(data_cfg)
+    from input_pipeline.sources import prepare  # pylint: disable=g-import-not-at-top
+    return prepare.get(data_cfg)
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -93,20 +94,6 @@ def get_builder(data_cfg: ml_collections.ConfigDict
         f'that name is registered and no prepared copy was found in '
         f'data_dir {_where(data_cfg)!r}. Built in: shapes/detection, '
         f'shapes/classification.') from e
-
-
-def _own_data_builder(data_cfg: ml_collections.ConfigDict
-                      ) -> tfds.core.DatasetBuilder:
-  """The user's prepared data; prepared on first use by a single process
-  (several would race: they get the command to run first)."""
-  from input_pipeline.sources import prepare  # pylint: disable=g-import-not-at-top
-  try:
-    return prepare.prepared_builder(data_cfg)
-  except FileNotFoundError:
-    _, count = resolve_process(None, None)
-    if count > 1:
-      raise
-    return prepare.prepare(data_cfg)
 
 
 def _not_prepared(builder: tfds.core.DatasetBuilder) -> FileNotFoundError:

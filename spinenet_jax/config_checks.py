@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from typing import Any, NoReturn
 
@@ -365,6 +366,12 @@ def validate(config: ml_collections.ConfigDict,
   check_keys(config, allowed_keys(config.task, config.data.get('name', '')))
   _one_of('dtype', config.get('dtype', 'float32'), sorted(models.DTYPES),
           'compute dtype')
+  _one_of('init_from_parts', config.get('init_from_parts', 'backbone+head'),
+          ['backbone', 'backbone+head'], 'part to fine-tune from')
+  if config.get('init_from') and not os.path.isdir(config.init_from):
+    _fail('init_from', config.init_from, 'is not a directory',
+          'use a run directory (with checkpoints/ and config.json), e.g. '
+          'runs/demo, or leave it unset to train from scratch')
   top = check_model(config)
   check_image_size(config, top)
   check_batch_and_mesh(config, n)

@@ -26,6 +26,7 @@ from input_pipeline import common as data_common
 from input_pipeline import sources
 from spinenet_jax import checkpoints
 from spinenet_jax import config_checks
+from spinenet_jax import finetune
 from spinenet_jax import models
 from spinenet_jax import multihost
 from spinenet_jax import nonfinite
@@ -107,8 +108,10 @@ def initial_state(model, tx, config, mesh, manager, warn=print,
   shardings = _replicated(abstract, mesh)
   state, step = checkpoints.restore_newest_good(
       manager, _with_shardings(abstract, shardings), warn, hint)
-  if state is None:
-    return *create_state(model, tx, config, mesh), None
+  if state is None:  # A first start: from config.init_from if set.
+    state, shardings = create_state(model, tx, config, mesh)
+    return finetune.initialise(state, config, tx, shardings, warn), \
+        shardings, None
   return state, shardings, step
 
 

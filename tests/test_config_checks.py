@@ -11,6 +11,7 @@ from typing import Any
 import ml_collections
 import pytest
 
+from input_pipeline import sources
 from spinenet_jax import config_checks
 from spinenet_jax.config_checks import ConfigError
 from tests import tiny
@@ -20,7 +21,8 @@ CONFIG_NAMES = sorted(p.stem for p in (REPO / 'configs').glob('*.py')
                       if p.stem not in ('__init__', 'common'))
 # Device counts that divide each shipped config's batch size (default: 256).
 DEVICES = {'demo': (1, 2, 4), 'search_shapes': (1, 2, 4),
-           'shapes_classification': (1, 8, 32)}
+           'shapes_classification': (1, 8, 32), 'finetune': (1, 2, 4),
+           'finetune_classification': (1, 8, 32)}
 FIX_WORDS = ('use ', 'set ', 'remove', 'rename', 'did you mean')
 
 
@@ -43,10 +45,25 @@ def with_overrides(name: str, overrides: dict[str, Any]
   return config
 
 
+@pytest.fixture(scope='module')
+def own_data(tmp_path_factory) -> dict[str, dict[str, str]]:
+  """Config fields of small generated datasets, per user-data format."""
+  from tests import user_data  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('own_data')
+  return {'coco_json': user_data.write_coco(str(root / 'coco')),
+          'image_folder': user_data.write_folders(str(root / 'folders'), 3,
+                                                  3)}
+
+
 @pytest.mark.parametrize('name', CONFIG_NAMES)
-def test_shipped_configs_validate(name):
+def test_shipped_configs_validate(name, own_data, tmp_path):
+  config = shipped(name)
+  if sources.is_source(config.data.name):  # Needs data on disk.
+    config.data.update(own_data[config.data.name], data_dir=str(tmp_path))
+    config.init_from = str(tmp_path)
+    config = sources.resolve_num_classes(config)
   for n in DEVICES.get(name, (1, 8, 256)):
-    config_checks.validate(shipped(name), num_devices=n)
+    config_checks.validate(config, num_devices=n)
 
 
 @pytest.mark.parametrize('name', ['spinenet49_coco', 'spinenet49_mobile_coco',

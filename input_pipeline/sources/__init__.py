@@ -51,13 +51,16 @@ def dataset_meta(data_cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
   """The prepared dataset's metadata (see the module docstring); None for
   datasets that are not user data (TFDS names, shapes).
 
+  Prepares the data on first use in a single-process run.
+
   Raises:
-    FileNotFoundError: the source is not prepared yet (names the command).
+    FileNotFoundError: several processes and the data is not prepared yet
+      (names the command), or the source's files are missing.
   """
   if not is_source(data_cfg.name):
     return None
   from input_pipeline.sources import prepare  # pylint: disable=g-import-not-at-top
-  builder = prepare.prepared_builder(data_cfg)
+  builder = prepare.get(data_cfg)
   meta = read_meta(builder.data_dir)
   meta.pop('eval_groundtruth', None)  # Large; written as a file instead.
   meta['eval_annotations'] = prepare.eval_annotations(builder)

@@ -317,6 +317,18 @@ def prepared_builder(data_cfg: ml_collections.ConfigDict) -> OwnData:
   return b
 
 
+def get(data_cfg: ml_collections.ConfigDict) -> OwnData:
+  """The prepared builder; prepared on first use by a single process
+  (several would race: they are told to run the command first)."""
+  try:
+    return prepared_builder(data_cfg)
+  except FileNotFoundError:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      raise
+    return prepare(data_cfg)
+
+
 def _coco_eval_file(b: OwnData) -> str | None:
   cfg = b.builder_config
   return next((a for s, a, _ in cfg.splits if s == 'validation'), None) if (
