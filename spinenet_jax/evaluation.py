@@ -189,17 +189,19 @@ class CocoEvaluator:
                               _PAD_VALUES.get(k, 0))
             for k in self._chunks[0]}
 
-  def result(self, gather_fn: Callable[[Any], Any] | None = None
-             ) -> dict[str, float]:
+  def result(self, gather_fn: Callable[[Any], Any] | None = None,
+             **kwargs) -> dict[str, float]:
     """Gathers all processes' records and returns the COCO box metrics.
 
-    A collective with several processes: every process must call it. Returns
+    A collective with several processes: every process must call it.
+    `kwargs` go to `evaluate_records` (user ids, a ground-truth JSON, a
+    results path, class names). Returns
     `{name: float}` for `COCO_METRICS`; -1 where pycocotools finds no ground
     truth (e.g. no small objects), and 0 for everything when there are no
     detections at all.
     """
     return evaluate_records(gather_records(self.records(), gather_fn),
-                            self.category_ids, self.verbose)
+                            self.category_ids, self.verbose, **kwargs)
 
 
 def _coco_datasets(records: Mapping[str, np.ndarray],
@@ -248,12 +250,35 @@ def _coco_datasets(records: Mapping[str, np.ndarray],
 
 def evaluate_records(records: Mapping[str, np.ndarray],
                      category_ids: Sequence[int] | None = None,
-                     verbose: bool = False) -> dict[str, float]:
-  """Runs pycocotools' box evaluation on gathered records."""
+                     verbose: bool = False, *,
+                     user_ids: Mapping[int, int] | None = None,
+                     groundtruth_json: str | None = None,
+                     results_path: str | None = None,
+                     names: Mapping[int, str] | None = None
+                     ) -> dict[str, float]:
+  """Runs pycocotools' box evaluation on gathered records.
+
+  Args:
+    records: gathered records (`CocoEvaluator.records`).
+    category_ids: class ids to evaluate (default: those in the GT).
+    verbose: print pycocotools' summary.
+    user_ids: class id -> the user's category id; detections are written
+      and evaluated in those ids (identity where missing).
+    groundtruth_json: a COCO ground-truth file in the user's ids to evaluate
+      against instead of the records' ground truth (only its images that
+      were evaluated count).
+    results_path: where to write the detections as a COCO results JSON.
+    names: class id -> name: adds `AP/<name>` per class with ground truth.
+  """
   from pycocotools import coco as coco_lib  # pylint: disable=g-import-not-at-top
   from pycocotools import cocoeval  # pylint: disable=g-import-not-at-top
   dataset, dets = _coco_datasets(records, category_ids)
-  if not dataset['categories']:
+  to_user = dict(user_ids or {})
+  if to_user and dets.shape[0]:
+    dets[:, 6] = [to_user.get(int(c), int(c)) for c in dets[:, 6]]
+  if results_path:
+    write_results(results_path, dets)
+  if groundtruth_json is None and not dataset['categories']:
     return {k: -1.0 for k in COCO_METRICS}
   if dets.shape[0] == 0:
     return {k: 0.0 for k in COCO_METRICS}
@@ -261,15 +286,67 @@ def evaluate_records(records: Mapping[str, np.ndarray],
   quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(
       out)
   with quiet:
-    gt = coco_lib.COCO()
-    gt.dataset = dataset
-    gt.createIndex()
+    if groundtruth_json:
+      gt = coco_lib.COCO(groundtruth_json)
+    else:
+      gt = coco_lib.COCO()
+      gt.dataset = {**dataset, 'categories': [
+          {'id': to_user.get(c['id'], c['id'])} for c in dataset['categories']]}
+      for a in gt.dataset['annotations']:
+        a['category_id'] = to_user.get(a['category_id'], a['category_id'])
+      gt.createIndex()
     dt = gt.loadRes(dets)
     ev = cocoeval.COCOeval(gt, dt, iouType='bbox')
+    ev.params.imgIds = sorted(int(i) for i in np.unique(records['image_id']))
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
-  return {k: float(v) for k, v in zip(COCO_METRICS, ev.stats)}
+  metrics = {k: float(v) for k, v in zip(COCO_METRICS, ev.stats)}
+  if names:
+    from_user = {u: c for c, u in to_user.items()}
+    for cat, ap in per_class_ap(ev).items():
+      c = from_user.get(cat, cat)
+      metrics[f'AP/{names.get(c, f"class {c}")}'] = ap
+  return metrics
+
+
+def per_class_ap(ev: Any) -> dict[int, float]:
+  """Category id -> AP @[IoU=0.50:0.95] (all areas, 100 detections) of an
+  accumulated COCOeval; categories without ground truth are left out."""
+  precision = ev.eval['precision']  # [T, R, K, A, M]
+  out = {}
+  for k, cat in enumerate(ev.params.catIds):
+    p = precision[:, :, k, 0, -1]
+    if np.any(p > -1):
+      out[int(cat)] = float(np.mean(p[p > -1]))
+  return out
+
+
+def write_results(path: str, dets: np.ndarray) -> None:
+  """`[K, 7]` (image id, x, y, w, h, score, category) as a COCO results
+  JSON (a list of {image_id, category_id, bbox, score}); process 0 only."""
+  if jax.process_index() != 0:
+    return
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  rows = [{'image_id': int(d[0]), 'category_id': int(d[6]),
+           'bbox': [round(float(v), 2) for v in d[1:5]],
+           'score': round(float(d[5]), 5)} for d in dets]
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(rows, f)
+  os.replace(tmp, path)
+
+
+def format_per_class(metrics: Mapping[str, float], limit: int = 20) -> str:
+  """The `AP/<name>` entries as a table of up to `limit` classes."""
+  rows = [(k[3:], v) for k, v in metrics.items() if k.startswith('AP/')]
+  if not rows:
+    return ''
+  lines = ['  AP per class:'] + [f'  {n:<22} {v:.3f}' for n, v in rows[:limit]]
+  if len(rows) > limit:
+    lines.append(f'  ... {len(rows) - limit} more classes in metrics.jsonl')
+  return '\n'.join(lines)
 
 
 def coco_eval(predictions: Mapping[str, Any], groundtruth: Mapping[str, Any],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Sequence
 import warnings
@@ -32,15 +33,43 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from input_pipeline import contract
+from input_pipeline import sources
 from spinenet_jax import checkpoints
 from spinenet_jax import models
 from spinenet_jax import quiet_restore
 from spinenet_jax.detection import postprocess
 
-def label_map(config: ml_collections.ConfigDict) -> dict[int, str]:
-  """Class id -> name for the run's dataset ('class N' for unknown ids)."""
+LABEL_MAP_FILE = 'label_map.json'  # Written beside a run's checkpoints.
+
+
+def label_map(config: ml_collections.ConfigDict,
+              workdir: str | None = None) -> dict[int, str]:
+  """Class id -> name of a run's outputs ('class N' for unknown ids): the
+  run's `label_map.json` when there is one, else from its dataset (the
+  user's class names for user data, when the prepared data is at hand)."""
+  path = workdir and os.path.join(workdir, LABEL_MAP_FILE)
+  if path and os.path.exists(path):
+    with open(path) as f:
+      return {int(k): v for k, v in json.load(f).items()}
+  if sources.is_source(config.data.name):
+    try:
+      return dict(sources.dataset_meta(config.data)['classes'])
+    except (FileNotFoundError, ValueError):
+      return {}
   return contract.label_map(config.data.name, config.task == 'retinanet',
                             config.data.label_offset)
+
+
+def save_label_map(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes the run's class names as `label_map.json` (process 0)."""
+  if jax.process_index() != 0:
+    return
+  labels = label_map(config)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LABEL_MAP_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump({str(k): v for k, v in sorted(labels.items())}, f, indent=1)
+  os.replace(path + '.tmp', path)
 
 
 def class_name(labels: dict[int, str], class_id: int) -> str:
@@ -230,7 +259,7 @@ class Run:
     self._replicated = NamedSharding(self.mesh, P())
     self._batch = NamedSharding(self.mesh, P('data'))
     self._fns = {}
-    self.labels = label_map(self.config)
+    self.labels = label_map(self.config, self.workdir)
 
   @property
   def is_detection(self) -> bool:

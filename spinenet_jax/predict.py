@@ -46,8 +46,12 @@ def _unique_names(paths: Sequence[str]) -> list[str]:
 
 def predict(run: inference.Run, paths: Sequence[str], output: str,
             score_threshold: float | None = None, batch_size: int = 8,
-            k: int = 5) -> list[dict[str, Any]]:
-  """Writes `output/NAME.png` and `NAME.json` per image; returns the records."""
+            k: int = 5, min_score: float = 0.3) -> list[dict[str, Any]]:
+  """Writes `output/NAME.png` and `NAME.json` per image; returns the records.
+
+  The JSON keeps every detection above `score_threshold`; the picture shows
+  only those scoring at least `min_score`.
+  """
   os.makedirs(output, exist_ok=True)
   records = []
   names = _unique_names(paths)
@@ -70,7 +74,8 @@ def predict(run: inference.Run, paths: Sequence[str], output: str,
              'class': int(det['classes'][i, j]),
              'label': inference.class_name(run.labels, det['classes'][i, j])}
             for j in range(n)]
-        picture = draw_detections(image, rec['detections'])
+        picture = draw_detections(image, [d for d in rec['detections']
+                                          if d['score'] >= min_score])
       else:
         rec['classifications'] = [
             {'class': int(c), 'label': lab, 'probability': round(float(p), 4)}
@@ -102,6 +107,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_float('score_threshold', None,
                      "Default: the run's config.eval.score_threshold.",
                      flag_values=fv)
+  flags.DEFINE_float('min_score', 0.3,
+                     'Detections drawn: those scoring at least this (the '
+                     'JSON keeps all of them).', flag_values=fv)
   flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.',
                        flag_values=fv)
   for name in ('workdir', 'image', 'output'):
@@ -115,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return fv
   run = inference.load_checkpoint(fv.workdir, step=fv.step)
   records = predict(run, fv.image, fv.output, fv.score_threshold,
-                    fv.batch_size)
+                    fv.batch_size, min_score=fv.min_score)
   for rec in records:
     n = len(rec.get('detections', rec.get('classifications', [])))
     what = 'detections' if run.is_detection else 'classes'

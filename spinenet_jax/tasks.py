@@ -20,7 +20,9 @@ import optax
 
 from input_pipeline import classification as classification_data
 from input_pipeline import detection as detection_data
+from input_pipeline import sources
 from spinenet_jax import evaluation
+from spinenet_jax import inference
 from spinenet_jax import models
 from spinenet_jax import sharding
 from spinenet_jax.detection import losses
@@ -80,9 +82,12 @@ class Detection:
         iou_threshold=ec.iou_threshold, max_detections=ec.max_detections)
 
   def evaluate(self, eval_step, variables,
-               batches: Iterator[dict[str, np.ndarray]], mesh
-               ) -> dict[str, float]:
-    """COCO metrics over one pass of the (process-local) eval batches."""
+               batches: Iterator[dict[str, np.ndarray]], mesh,
+               results_path: str | None = None) -> dict[str, float]:
+    """COCO metrics over one pass of the (process-local) eval batches, with
+    AP per class; in the user's ids for user data (`input_pipeline.
+    sources`: against their eval JSON), detections written to
+    `results_path` as a COCO results JSON when given."""
     evaluator = evaluation.CocoEvaluator()
     for local in batches:
       out = eval_step(variables, _device_batch(local, mesh))
@@ -94,10 +99,16 @@ class Detection:
           'height': local['orig_size'][:, 0],
           'width': local['orig_size'][:, 1],
       }, mask=local['mask'])
-    return evaluator.result()
+    meta = sources.dataset_meta(self.config.data) or {}
+    return evaluator.result(
+        user_ids=meta.get('category_ids'),
+        groundtruth_json=meta.get('eval_annotations'),
+        results_path=results_path, names=inference.label_map(self.config))
 
   def report(self, metrics: dict[str, float]) -> str:
-    return evaluation.format_coco(metrics)
+    per_class = evaluation.format_per_class(metrics)
+    return evaluation.format_coco(metrics) + (
+        '\n' + per_class if per_class else '')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +138,11 @@ class Classification:
     return {'top1': correct(1), 'top5': correct(5), 'count': jnp.sum(mask)}
 
   def evaluate(self, eval_step, variables,
-               batches: Iterator[dict[str, np.ndarray]], mesh
-               ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy over one pass of the eval batches."""
+               batches: Iterator[dict[str, np.ndarray]], mesh,
+               results_path: str | None = None) -> dict[str, float]:
+    """Top-1 and top-5 accuracy over one pass of the eval batches
+    (`results_path`: unused, detection only)."""
+    del results_path
     totals = {'top1': 0.0, 'top5': 0.0, 'count': 0.0}
     for local in batches:
       out = jax.device_get(eval_step(variables, _device_batch(local, mesh)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import time
 from typing import Any
@@ -27,6 +28,7 @@ from input_pipeline import sources
 from spinenet_jax import checkpoints
 from spinenet_jax import config_checks
 from spinenet_jax import finetune
+from spinenet_jax import inference
 from spinenet_jax import models
 from spinenet_jax import multihost
 from spinenet_jax import nonfinite
@@ -263,6 +265,7 @@ def _train(run: _Run, preempt: Preemption, lr_scale: float) -> dict[str, Any]:
       model, tx, config, mesh, manager, writer.print,
       checkpoints.config_difference(run.workdir, config))
   checkpoints.save_config(run.workdir, config)  # Once the state fits it.
+  inference.save_label_map(run.workdir, config)
   if resumed is not None:
     writer.print(f'Resumed from {manager.directory}/{resumed}.')
   start = int(state.step)
@@ -279,7 +282,9 @@ def _train(run: _Run, preempt: Preemption, lr_scale: float) -> dict[str, Any]:
     t = time.time()
     batches = task.data.eval_iterator(
         config.data, batch_size=config.eval_batch_size or config.batch_size)
-    metrics = task.evaluate(eval_step, state.eval_variables(), batches, mesh)
+    metrics = task.evaluate(
+        eval_step, state.eval_variables(), batches, mesh,
+        os.path.join(run.workdir, f'detections_{step}.json'))
     writer.write(step, {**metrics, **data_metrics(batches, 'eval_data')})
     writer.print(f'Evaluation at step {step} ({time.time() - t:.0f} s):')
     writer.print(task.report(metrics))

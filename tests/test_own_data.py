@@ -163,12 +163,24 @@ def test_prepared_data_trains(coco, tmp_path):
   config = tiny.load_config('demo', {
       **tiny.TINY_DEMO, 'data.name': 'coco_json', 'total_steps': 2,
       'optimizer.warmup_steps': 1, 'checkpoint_every_steps': 0,
-      'batch_size': 8})
+      'batch_size': 8, 'eval.score_threshold': 0.0})
   for k in ('train_annotations', 'train_images', 'eval_annotations',
             'eval_images', 'data_dir'):
     config.data[k] = cfg[k]
   result, stdout = tiny.run_in_process(config, tmp_path / 'run')
   assert result['step'] == 2 and 'AP' in result, stdout
+  run = tmp_path / 'run'
+  assert json.loads((run / 'label_map.json').read_text()) == {
+      '1': 'circle', '2': 'square', '3': 'triangle'}
+  rows = json.loads((run / 'detections_2.json').read_text())
+  assert rows
+  assert {r['category_id'] for r in rows} <= {7, 42, 1000}
+  eval_ids = {im['id'] for im in json.load(open(cfg.eval_annotations))[
+      'images']}
+  assert {r['image_id'] for r in rows} <= eval_ids
+  from pycocotools import coco as coco_lib  # pylint: disable=g-import-not-at-top
+  coco_lib.COCO(cfg.eval_annotations).loadRes(str(run / 'detections_2.json'))
+  assert {'AP/circle', 'AP/square', 'AP/triangle'} <= set(result), result
 
 
 READER = """
