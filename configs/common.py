@@ -148,7 +148,10 @@ def detection_config(dataset: str = 'coco/2017') -> ml_collections.ConfigDict:
       huber_delta=0.1))
   c.eval = ml_collections.ConfigDict(dict(
       pre_nms_top_k=5000, score_threshold=0.05, iou_threshold=0.5,
-      max_detections=100))
+      max_detections=100,
+      # Validation images drawn to TensorBoard at each evaluation: ground
+      # truth beside the predictions scoring at least draw_min_score.
+      num_images_to_draw=4, draw_min_score=0.3))
   return c
 
 

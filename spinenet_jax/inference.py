@@ -194,6 +194,13 @@ def normalize(image: jax.Array) -> jax.Array:
       contract.STDDEV_RGB)
 
 
+def denormalize(image: np.ndarray) -> np.ndarray:
+  """A normalised float image [H, W, 3] back to uint8 RGB (for drawing)."""
+  pixels = (np.asarray(image, np.float32) * np.float32(contract.STDDEV_RGB) +
+            np.float32(contract.MEAN_RGB)) * 255.0
+  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _resize_and_pad(image, new_hw, size):
   """The detection eval pipeline's resize (scale exact), normalise, pad."""

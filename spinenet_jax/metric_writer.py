@@ -33,6 +33,21 @@ class MetricWriter:
         self._tf.summary.scalar(k, float(v), step=int(step))
     self._tb.flush()
 
+  def images(self, step: int, name: str, images: list) -> None:
+    """uint8 [H, W, 3] images to TensorBoard (padded to one size)."""
+    if not self.active or not images:
+      return
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    h = max(i.shape[0] for i in images)
+    w = max(i.shape[1] for i in images)
+    batch = np.zeros([len(images), h, w, 3], np.uint8)
+    for k, im in enumerate(images):
+      batch[k, :im.shape[0], :im.shape[1]] = im
+    with self._tb.as_default():
+      self._tf.summary.image(name, batch, step=int(step),
+                             max_outputs=len(images))
+    self._tb.flush()
+
   def print(self, message: str) -> None:
     if self.active:
       print(message, flush=True)

@@ -21,6 +21,7 @@ import optax
 from input_pipeline import classification as classification_data
 from input_pipeline import detection as detection_data
 from input_pipeline import sources
+from spinenet_jax import draw
 from spinenet_jax import evaluation
 from spinenet_jax import inference
 from spinenet_jax import models
@@ -83,15 +84,20 @@ class Detection:
 
   def evaluate(self, eval_step, variables,
                batches: Iterator[dict[str, np.ndarray]], mesh,
-               results_path: str | None = None) -> dict[str, float]:
+               results_path: str | None = None,
+               image_sink: Any = None) -> dict[str, float]:
     """COCO metrics over one pass of the (process-local) eval batches, with
     AP per class; in the user's ids for user data (`input_pipeline.
     sources`: against their eval JSON), detections written to
-    `results_path` as a COCO results JSON when given."""
-    evaluator = evaluation.CocoEvaluator()
+    `results_path` as a COCO results JSON when given, and the first
+    `config.eval.num_images_to_draw` images drawn (`_draw`) passed to
+    `image_sink`."""
+    evaluator, pictures = evaluation.CocoEvaluator(), []
     for local in batches:
       out = eval_step(variables, _device_batch(local, mesh))
       det = {k: sharding.to_local(v) for k, v in out.items()}
+      if len(pictures) < self.config.eval.get('num_images_to_draw', 0):
+        pictures += self._draw(local, det)
       det['boxes'] = det['boxes'] / local['scale'][:, None, None]
       evaluator.add(det, {
           'image_id': local['image_id'], 'boxes': local['gt_boxes'],
@@ -99,11 +105,36 @@ class Detection:
           'height': local['orig_size'][:, 0],
           'width': local['orig_size'][:, 1],
       }, mask=local['mask'])
+    if image_sink is not None:
+      image_sink(pictures[:self.config.eval.get('num_images_to_draw', 0)])
     meta = sources.dataset_meta(self.config.data) or {}
     return evaluator.result(
         user_ids=meta.get('category_ids'),
         groundtruth_json=meta.get('eval_annotations'),
         results_path=results_path, names=inference.label_map(self.config))
+
+  def _draw(self, local: dict[str, np.ndarray], det: dict[str, np.ndarray]
+            ) -> list[np.ndarray]:
+    """Ground truth (left) beside the predictions scoring at least
+    `config.eval.draw_min_score` (right), on the resized eval images."""
+    labels = inference.label_map(self.config)
+    minimum = self.config.eval.get('draw_min_score', 0.3)
+    out = []
+    for i in np.nonzero(local['mask'])[0]:
+      h, w = np.round(local['orig_size'][i] * local['scale'][i]).astype(int)
+      image = inference.denormalize(local['image'][i])[:h, :w]
+      truth = [{'box': b * local['scale'][i], 'class': int(c), 'score': 1.0,
+                'label': inference.class_name(labels, c)}
+               for b, c in zip(local['gt_boxes'][i], local['gt_classes'][i])
+               if c > 0]
+      pred = [{'box': det['boxes'][i, j], 'class': int(det['classes'][i, j]),
+               'score': float(det['scores'][i, j]),
+               'label': inference.class_name(labels, det['classes'][i, j])}
+              for j in range(int(det['num_detections'][i]))
+              if det['scores'][i, j] >= minimum]
+      out.append(np.concatenate([np.asarray(draw.draw_detections(
+          image, boxes)) for boxes in (truth, pred)], axis=1))
+    return out
 
   def report(self, metrics: dict[str, float]) -> str:
     per_class = evaluation.format_per_class(metrics)
@@ -139,10 +170,11 @@ class Classification:
 
   def evaluate(self, eval_step, variables,
                batches: Iterator[dict[str, np.ndarray]], mesh,
-               results_path: str | None = None) -> dict[str, float]:
+               results_path: str | None = None,
+               image_sink: Any = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy over one pass of the eval batches
-    (`results_path`: unused, detection only)."""
-    del results_path
+    (`results_path`, `image_sink`: detection only)."""
+    del results_path, image_sink
     totals = {'top1': 0.0, 'top5': 0.0, 'count': 0.0}
     for local in batches:
       out = jax.device_get(eval_step(variables, _device_batch(local, mesh)))

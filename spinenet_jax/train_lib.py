@@ -284,7 +284,8 @@ def _train(run: _Run, preempt: Preemption, lr_scale: float) -> dict[str, Any]:
         config.data, batch_size=config.eval_batch_size or config.batch_size)
     metrics = task.evaluate(
         eval_step, state.eval_variables(), batches, mesh,
-        os.path.join(run.workdir, f'detections_{step}.json'))
+        os.path.join(run.workdir, f'detections_{step}.json'),
+        lambda images: writer.images(step, 'eval/truth_vs_predicted', images))
     writer.write(step, {**metrics, **data_metrics(batches, 'eval_data')})
     writer.print(f'Evaluation at step {step} ({time.time() - t:.0f} s):')
     writer.print(task.report(metrics))

@@ -181,6 +181,12 @@ def test_prepared_data_trains(coco, tmp_path):
   from pycocotools import coco as coco_lib  # pylint: disable=g-import-not-at-top
   coco_lib.COCO(cfg.eval_annotations).loadRes(str(run / 'detections_2.json'))
   assert {'AP/circle', 'AP/square', 'AP/triangle'} <= set(result), result
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  events = [e for f in (run / 'tb').iterdir()
+            for e in tf.compat.v1.train.summary_iterator(str(f))]
+  images = [v for e in events for v in e.summary.value
+            if v.tag == 'eval/truth_vs_predicted']
+  assert images and len(images[0].tensor.string_val) == 2 + 4  # w, h, 4 PNGs
 
 
 READER = """
