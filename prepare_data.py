@@ -21,6 +21,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # noqa: E402
+from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,6 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # TFDS's INFO lines: the bar is enough.
   from input_pipeline import sources  # pylint: disable=g-import-not-at-top
   from input_pipeline.sources import prepare  # pylint: disable=g-import-not-at-top
   data = _CONFIG.value.data

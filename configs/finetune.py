@@ -11,7 +11,7 @@ The demo's model (configs/demo.py: SpineNet-49's permutation at a quarter
 of its widths, 256 px) initialised from `runs/demo`: backbone and head
 restored, the class predictor re-initialised for your classes
 (`model.num_classes` None: taken from the data). A short schedule for a few
-hundred images: 600 steps of batch 4 (about 5 minutes on 2 CPU cores),
+hundred images: 600 steps of batch 4 (about 4 minutes on 2 CPU cores),
 AdamW with a peak learning rate of 1e-3 after 50 warmup steps, cosine decay,
 evaluation at the end. `--config.init_from=` (empty) trains the same from
 scratch; `--config.data.name=voc_xml|od_tfrecord` takes the other formats.

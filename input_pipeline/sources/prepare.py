@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Callable, Iterator
 
@@ -37,6 +38,11 @@ from input_pipeline.sources import image_folder
 from input_pipeline.sources import od_tfrecord
 from input_pipeline.sources import records
 from input_pipeline.sources import voc_xml
+
+# TFDS warns on every builder of a config not in BUILDER_CONFIGS, which is
+# how every user dataset is made; it says nothing to act on.
+logging.getLogger('absl').addFilter(
+    lambda r: 'Using custom data configuration' not in r.getMessage())
 
 COMMAND = 'python prepare_data.py --config=<the training config and overrides>'
 EVAL_GT_FILE = 'eval_annotations.json'  # Written for non-COCO detection.
