@@ -70,6 +70,23 @@ def fit_image(image: np.ndarray, size: int, pad_rgb: Sequence[int]
   return out, scale
 
 
+def crop_image(image: np.ndarray, size: int, fraction: float) -> np.ndarray:
+  """One uint8 RGB image -> uint8 [size, size, 3]: the central square of
+  `fraction` of the short side, resized (bilinear, no antialiasing), as
+  spinenet_jax's classification eval pipeline."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  image = image[..., :3]
+  h, w = image.shape[:2]
+  crop = max(int(fraction * min(h, w)), 1)
+  oy, ox = (h - crop + 1) // 2, (w - crop + 1) // 2
+  square = jnp.asarray(image[oy:oy + crop, ox:ox + crop], jnp.float32)
+  resized = jax.image.resize(square, (size, size, 3), 'bilinear',
+                             antialias=False)
+  return np.clip(np.round(np.asarray(resized)), 0, 255).astype(np.uint8)
+
+
 class Artifact:
   """A loaded artifact: call it on a uint8 batch `[B, S, S, 3]`."""
 
@@ -90,8 +107,11 @@ class Artifact:
     """uint8 RGB images of any sizes -> (batch [B, S, S, 3], scales [B])."""
     if isinstance(images, np.ndarray) and images.ndim == 3:
       images = [images]
-    pad = self.manifest['preprocessing']['pad_rgb']
-    fitted = [fit_image(im, self.image_size, pad) for im in images]
+    pre = self.manifest['preprocessing']
+    if 'crop_fraction' in pre:  # Classifiers: no boxes, so no scale.
+      return (np.stack([crop_image(im, self.image_size, pre['crop_fraction'])
+                        for im in images]), np.ones([len(images)], np.float32))
+    fitted = [fit_image(im, self.image_size, pre['pad_rgb']) for im in images]
     return (np.stack([f[0] for f in fitted]),
             np.asarray([f[1] for f in fitted], np.float32))
 

@@ -194,8 +194,10 @@ def manifest(run: Any, request: Any, file: str, output: str,
                      if run.is_detection else
                      f'central {contract.CENTER_CROP_FRACTION:.1%} square '
                      f'resized to {request.image_size} (bilinear)'),
-          'pad': 'bottom and right, to a square, with pad_rgb',
-          'pad_rgb': list(PAD_RGB),
+          # Classifiers crop a square: nothing to pad.
+          **({'pad': 'bottom and right, to a square, with pad_rgb',
+              'pad_rgb': list(PAD_RGB)} if run.is_detection else
+             {'crop_fraction': contract.CENTER_CROP_FRACTION}),
           'normalization': 'in the graph: (x / 255 - mean_rgb) / stddev_rgb',
           'mean_rgb': list(contract.MEAN_RGB),
           'stddev_rgb': list(contract.STDDEV_RGB)},

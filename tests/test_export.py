@@ -23,6 +23,7 @@ import pytest
 
 import tiny
 from spinenet_jax import export
+from spinenet_jax import export_loader
 from spinenet_jax import export_report
 from spinenet_jax import inference
 from spinenet_jax import models
@@ -198,6 +199,14 @@ def test_classifier_tflite_and_manifest(cls_run, tmp_path):
   assert set(on_disk['outputs']) == {'logits', 'probabilities'}
   assert on_disk['versions']['jax'] == jax.__version__
   assert max(on_disk['max_difference_to_jax'].values()) <= 1e-4
+  assert 'pad_rgb' not in on_disk['preprocessing']  # Cropped, not padded.
+  image = np.random.default_rng(0).integers(0, 256, (90, 150, 3), np.uint8)
+  loaded = export_loader.Artifact.__new__(export_loader.Artifact)
+  loaded.manifest, loaded.image_size = on_disk, cls_run.image_size
+  batch, _ = loaded.prepare([image])
+  want = inference.denormalize(np.asarray(inference._center_crop_resize(  # pylint: disable=protected-access
+      image, cls_run.image_size)))
+  assert np.abs(batch[0].astype(int) - want.astype(int)).max() <= 1
 
 
 def _onnx_available() -> bool:

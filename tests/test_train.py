@@ -353,9 +353,12 @@ def tiny_overrides(name: str) -> dict:
   return {**common, **TINY_DATA, **TINY_HEAD, 'data.name': 'shapes/detection'}
 
 
-# demo and shapes_classification train end to end in the tests above.
+# demo and shapes_classification train end to end in the tests above; the
+# finetune configs are theirs with other schedules and the user's data
+# (trained in test_own_data.py, fine-tuned in test_finetune.py).
 @pytest.mark.parametrize('name', [
-    n for n in CONFIG_NAMES if n not in ('demo', 'shapes_classification')])
+    n for n in CONFIG_NAMES if n not in ('demo', 'shapes_classification',
+                                         'finetune', 'finetune_classification')])
 def test_config_builds_and_trains_two_steps(name, data_dir):
   """Each recipe, shrunk, on the built-in data; keeps its dtype, schedule,
   loss, stochastic depth, head type and class count."""
