@@ -18,6 +18,7 @@ scratch; `--config.data.name=voc_xml|od_tfrecord` takes the other formats.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import demo
 
@@ -29,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_instances = 32
   c.data.aug_scale_min = 0.75
   c.data.aug_scale_max = 1.25
-  c.model.num_classes = None  # From the data: its classes + background.
+  # None: from the data (its classes + background); typed, so that
+  # --config.model.num_classes=N works too.
+  c.model.num_classes = config_dict.placeholder(int)
   c.init_from = 'runs/demo'
   c.init_from_parts = 'backbone+head'
   c.total_steps = 600

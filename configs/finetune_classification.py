@@ -13,6 +13,7 @@ your classes (`model.num_classes` None: from the data). 300 steps of batch
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import shapes_classification
 
@@ -21,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = shapes_classification.get_config()
   c.data.name = 'image_folder'
   c.data.shuffle_buffer = 2000
-  c.model.num_classes = None
+  c.model.num_classes = config_dict.placeholder(int)  # None: from the data
   c.init_from = 'runs/shapes_cls'
   c.init_from_parts = 'backbone'
   c.optimizer.base_learning_rate = 0.4  # peak 0.05 at batch 32
