@@ -16,8 +16,16 @@ fails first (gloo's "Connection closed by peer" on CPU) is held back by
 
 Recoverable processes do not wait for each other at shutdown, so
 `shutdown` does: a barrier, then process 0 (which hosts the service) waits
-for the others to disconnect, and for their disconnect replies, before it
-stops.
+until the others have disconnected *and received the reply*, before it
+stops the service. The service marks a process gone when its disconnect
+request arrives, before it replies; stopping the service in between cancels
+the reply and that process aborts (seen under load, even 2 s later). So
+each other process holds a TCP connection to process 0 (its port handed
+over in the service's key-value store) and closes it once its disconnect
+has returned (or the OS closes it when the process dies): process 0 stops
+the service when every connection is closed. A process that cannot connect
+(a firewall between hosts) is waited for as before: until the service
+counts it gone, then `SHUTDOWN_GRACE_S`.
 
 Limitation: when process 0 itself dies, the service dies with it and the
 survivors' clients usually abort at once (0.3 s; SIGABRT, exit -6) with
@@ -30,6 +38,8 @@ was first and printed its line with exit 1.
 from __future__ import annotations
 
 import os
+import selectors
+import socket
 import sys
 import threading
 import time
@@ -43,10 +53,11 @@ from spinenet_jax import quiet_restore
 HEARTBEAT_TIMEOUT_S = 30  # A process silent this long counts as dead.
 POLL_S = 1.0
 SHUTDOWN_TIMEOUT_S = 300  # How long processes wait for each other at exit.
-# The service counts a process as gone when its disconnect request arrives,
-# before it replies; stopping the service in between cancels the reply, and
-# that process then aborts (seen under load).
+# After the service counts a process that could not link to process 0 as
+# gone, how long process 0 waits for that process's disconnect reply.
 SHUTDOWN_GRACE_S = 2.0
+_BARRIER = 'spinenet_jax_shutdown'
+_PORT_KEY = 'spinenet_jax_shutdown_port'  # Process 0's shutdown socket.
 
 _stop_watching = threading.Event()
 _heartbeat_timeout_s = [HEARTBEAT_TIMEOUT_S]
@@ -145,20 +156,95 @@ def await_lost_peer() -> None:
 def shutdown(timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
   """Leaves the run together with the other processes (a no-op alone).
 
-  Returns after `timeout_s` at most even if some never arrive.
+  Returns after `timeout_s` at most (plus the grace) even if some never
+  arrive.
   """
   client = _client()
   if client is None or jax.process_count() == 1:
     return
   _stop_watching.set()
+  deadline = time.monotonic() + timeout_s
+  link = None
   try:
-    client.wait_at_barrier('spinenet_jax_shutdown', timeout_s * 1000)
     if jax.process_index() == 0:  # The service must outlive the others.
-      others = list(range(1, jax.process_count()))
-      deadline = time.monotonic() + timeout_s
-      while client.get_live_nodes(others) and time.monotonic() < deadline:
-        time.sleep(0.05)
-      time.sleep(SHUTDOWN_GRACE_S)
+      with _listen() as server:
+        client.key_value_set(_PORT_KEY, str(server.getsockname()[1]), True)
+        client.wait_at_barrier(_BARRIER, timeout_s * 1000)
+        _wait_for_others(client, server, deadline)
+    else:
+      link = _link_to_process_0(client, timeout_s)
+      client.wait_at_barrier(_BARRIER, timeout_s * 1000)
   except Exception:  # pylint: disable=broad-except  # A peer never came.
     pass
   jax.distributed.shutdown()
+  if link is not None:
+    link.close()  # Tells process 0 that this process's disconnect is done.
+
+
+def _linked_key(process: int) -> str:
+  return f'spinenet_jax_shutdown_linked_{process}'
+
+
+def _listen() -> socket.socket:
+  if socket.has_dualstack_ipv6():
+    return socket.create_server(('', 0), family=socket.AF_INET6,
+                                dualstack_ipv6=True)
+  return socket.create_server(('', 0))
+
+
+def _coordinator_host() -> str:
+  address = jax_distributed.global_state.coordinator_address or ''
+  return address.rsplit(':', 1)[0].strip('[]') or 'localhost'
+
+
+def _link_to_process_0(client, timeout_s: int) -> socket.socket | None:
+  """Connects to process 0's shutdown socket and says whether it could."""
+  link = None
+  try:
+    port = int(client.blocking_key_value_get(_PORT_KEY, timeout_s * 1000))
+    link = socket.create_connection((_coordinator_host(), port), timeout=10)
+  except OSError:
+    link = None  # Unreachable: process 0 falls back to the grace period.
+  client.key_value_set(_linked_key(jax.process_index()),
+                       '1' if link else '0', True)
+  return link
+
+
+def _try_get(client, key: str) -> str | None:
+  try:
+    return client.key_value_try_get(key)
+  except Exception:  # pylint: disable=broad-except  # Not set: never came.
+    return None
+
+
+def _receive(conn: socket.socket) -> bytes:
+  try:
+    return conn.recv(64)
+  except OSError:  # Reset by a peer that died: done all the same.
+    return b''
+
+
+def _wait_for_others(client, server: socket.socket, deadline: float) -> None:
+  """After the barrier: waits until every linked process closed its
+  connection, and every unlinked one is gone from the service plus grace."""
+  others = list(range(1, jax.process_count()))
+  linked = [p for p in others if _try_get(client, _linked_key(p)) == '1']
+  unlinked = sorted(set(others) - set(linked))
+  with selectors.DefaultSelector() as selector:
+    server.setblocking(False)
+    selector.register(server, selectors.EVENT_READ)
+    closed = 0
+    while closed < len(linked) and time.monotonic() < deadline:
+      for key, _ in selector.select(timeout=0.5):
+        if key.fileobj is server:
+          conn, _ = server.accept()
+          selector.register(conn, selectors.EVENT_READ)
+        elif not _receive(key.fileobj):  # Closed: that peer is done.
+          selector.unregister(key.fileobj)
+          key.fileobj.close()
+          closed += 1
+  if unlinked:
+    while (client.get_live_nodes(unlinked) and
+           time.monotonic() < deadline):
+      time.sleep(0.05)
+    time.sleep(SHUTDOWN_GRACE_S)
