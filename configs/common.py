@@ -78,6 +78,10 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       # How kxk convolutions are lowered: 'auto' (im2col matmuls for small
       # feature maps on CPU), 'xla' or 'im2col' (spinenet_jax/conv_impl.py).
       conv_impl='auto',
+      # Rematerialisation: 'none', 'blocks' (each block recomputed in the
+      # backward pass: less memory, about a third more compute) or 'full'
+      # (the resampling and endpoints too); spinenet_jax/layers.py.
+      remat='none',
       # None: from the model id's scaling map; typed so that they can be set
       # from the command line (--config.model.filter_size_scale=0.25).
       endpoints_num_filters=config_dict.placeholder(int),
@@ -130,7 +134,10 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, eps=1e-8))  # adamw
   c.loss = ml_collections.ConfigDict()
   c.eval = ml_collections.ConfigDict()
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+  # data: -1 = the devices not on 'model'; model > 1 partitions the image
+  # height spatially; slices > 1 splits 'data' over the slices of a
+  # multi-slice pod (gradients reduce over ICI, then DCN).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, slices=1))
   return c
 
 

@@ -164,6 +164,8 @@ def check_model(config: ml_collections.ConfigDict) -> int:
             'activation')
   _one_of('model.conv_impl', m.get('conv_impl', 'auto'), conv_impl.CHOICES,
           'convolution lowering')
+  _one_of('model.remat', m.get('remat', 'none'), layers.REMAT_MODES,
+          'rematerialisation mode')
   _check_number('model.stochastic_depth_rate',
                 m.get('stochastic_depth_rate', 0.0), 0.0, 1.0)
   lo, hi = m.get('min_level', 3), m.get('max_level', 7)
@@ -269,6 +271,12 @@ def check_batch_and_mesh(config: ml_collections.ConfigDict,
                          num_devices: int) -> None:
   """Mesh axes against the devices; train and eval batches against it."""
   shards = data_shards(config.mesh, num_devices)
+  slices = config.mesh.get('slices', 1)
+  if not _is_int(slices) or slices < 1 or shards % slices:
+    divisors = [d for d in range(1, shards + 1) if shards % d == 0]
+    _fail('mesh.slices', slices, f"does not divide the mesh's 'data' axis "
+          f'({shards} devices)', f'use one of {divisors} (1 unless the run '
+          'spans several slices of a pod)')
   batch, eval_batch = config.get('batch_size'), config.get('eval_batch_size')
   if not (eval_batch or batch):
     _fail('eval_batch_size', eval_batch, f'with config.batch_size={batch!r} '
@@ -281,16 +289,27 @@ def check_batch_and_mesh(config: ml_collections.ConfigDict,
 
 
 def check_image_size(config: ml_collections.ConfigDict, top: int) -> None:
-  """Image size: positive; RetinaNet's divides by 2**top (no resizing)."""
+  """Image size: positive; RetinaNet's divides by 2**top (no resizing);
+  with spatial partitioning (mesh.model = k > 1) by k * 2**top, so that
+  every feature map's height splits evenly over the 'model' axis."""
   size = config.data.image_size
   _check_number('data.image_size', size, 1, integer=True)
   multiple = 2**top
+  k = config.get('mesh', {}).get('model', 1)
+  hi = config.model.get('max_level', 7)
+  extra = f', blocks up to level {top}' if top > hi else ''
   if config.task == 'retinanet' and size % multiple:
-    hi = config.model.get('max_level', 7)
-    extra = f', blocks up to level {top}' if top > hi else ''
     _fail('data.image_size', size, f'is not divisible by 2**max_level = '
           f'{multiple} (max_level={hi}{extra})', f'use a multiple of '
           f'{multiple}, e.g. {max(round(size / multiple), 1) * multiple}')
+  if _is_int(k) and k > 1 and size % (k * multiple):
+    near = max(round(size / (k * multiple)), 1) * k * multiple
+    _fail('data.image_size', size, f'is not divisible by mesh.model x '
+          f'2**max_level = {k} x {multiple} = {k * multiple} (max_level={hi}'
+          f'{extra}): spatial partitioning splits the height of every '
+          f'feature map, down to level {top}, over the {k} devices of the '
+          f"'model' axis", f'use a multiple of {k * multiple}, e.g. {near}, '
+          f'or a smaller config.mesh.model')
 
 
 def check_durations(config: ml_collections.ConfigDict) -> int | None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from spinenet_jax import conv_impl
 from spinenet_jax import heads
+from spinenet_jax import layers
 from spinenet_jax import specs as specs_lib
 from spinenet_jax.detection import anchors as anchors_lib
 from spinenet_jax.spinenet import ScalePermutedNetwork, SpineNet
@@ -61,6 +62,9 @@ class _WithBackbone(nn.Module):
   # How kxk convolutions are lowered: 'auto' (im2col matmuls for small maps
   # on CPU, XLA's convolution otherwise), 'xla' or 'im2col' (`conv_impl.py`).
   conv_impl: str = 'auto'
+  # What the backward pass recomputes instead of keeping: 'none', 'blocks'
+  # or 'full' (`layers.REMAT_MODES`); the results are the same.
+  remat: str = 'none'
 
   _resize_fallback = False  # Not a field: the backbone's, fixed per model.
 
@@ -210,4 +214,5 @@ def build_model(config: Any) -> RetinaNet | Classifier:
       kwargs[key] = tuple(kwargs[key])
   kwargs['dtype'] = get_dtype(config.get('dtype', 'float32'))
   conv_impl.check(kwargs.get('conv_impl', 'auto'))
+  layers.check_remat(kwargs.get('remat', 'none'))
   return cls(**kwargs)

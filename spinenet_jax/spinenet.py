@@ -60,6 +60,7 @@ class ScalePermutedNetwork(nn.Module):
   resize_fallback: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'  # How kxk convs are lowered (`conv_impl.py`).
+  remat: str = 'none'  # layers.REMAT_MODES: what the backward recomputes.
 
   family = specs_lib.SPINENET  # Not a field: fixed per subclass.
 
@@ -103,6 +104,7 @@ class ScalePermutedNetwork(nn.Module):
                              self.bn_momentum, self.bn_epsilon, self.conv_impl)
     height, width = x.shape[1:3]
 
+    layers.check_remat(self.remat)
     feats = dict(enumerate(self._stem(x, train, defs)))
     block_fns = {j: fn for j, (_, fn) in enumerate(self.family.stem)}
     for node in nodes:
@@ -121,8 +123,9 @@ class ScalePermutedNetwork(nn.Module):
       block_fns[node.index] = node.block_fn
 
     n = self.setting('endpoints_num_filters')
-    return {level: layers.ConvBN(n, 1, 1, defs.activation, defs.conv,
-                                 defs.norm, name=f'endpoint{level}')(
+    endpoint = layers.remat(layers.ConvBN, self.remat == 'full')
+    return {level: endpoint(n, 1, 1, defs.activation, defs.conv,
+                            defs.norm, name=f'endpoint{level}')(
                                      feats[endpoints[level]], train)
             for level in range(self.min_level, self.max_level + 1)}
 
@@ -154,17 +157,17 @@ class SpineNet(ScalePermutedNetwork):
 
   def _resample(self, parent_block_fn: str, target_channels: int, name: str,
                 defs: layers.LayerDefs) -> nn.Module:
-    return resample.Resample(parent_block_fn, target_channels,
-                             self.setting('resample_alpha'), defs.activation,
-                             self.resize_fallback, defs.conv, defs.norm,
-                             name=name)
+    cls = layers.remat(resample.Resample, self.remat == 'full', (2, 3))
+    return cls(parent_block_fn, target_channels,
+               self.setting('resample_alpha'), defs.activation,
+               self.resize_fallback, defs.conv, defs.norm, name=name)
 
   def _group(self, x: jax.Array, train: bool, block_fn: str, filters: int,
              strides: int, rate: float, name: str,
              defs: layers.LayerDefs) -> jax.Array:
     # Model Garden's `SpineNet._block_group`: only the first block may stride
     # or project.
-    cls = layers.BLOCKS[block_fn]
+    cls = layers.remat(layers.BLOCKS[block_fn], self.remat != 'none')
     out_ch = specs_lib.block_channels(block_fn, filters)
     use_projection = not (x.shape[-1] == out_ch and strides == 1)
     for r in range(self.setting('block_repeats')):

@@ -76,16 +76,18 @@ class SpineNetMobile(ScalePermutedNetwork):
   def _resample(self, parent_block_fn: str, target_channels: int, name: str,
                 defs: layers.LayerDefs) -> nn.Module:
     del parent_block_fn  # No alpha reduction: the parent's width is unused.
-    return resample.SeparableResample(
-        target_channels, defs.activation, self.resize_fallback, defs.conv,
-        defs.depthwise_conv, defs.norm, name=name)
+    cls = layers.remat(resample.SeparableResample, self.remat == 'full',
+                       (2, 3))
+    return cls(target_channels, defs.activation, self.resize_fallback,
+               defs.conv, defs.depthwise_conv, defs.norm, name=name)
 
   def _group(self, x: jax.Array, train: bool, block_fn: str, filters: int,
              strides: int, rate: float, name: str,
              defs: layers.LayerDefs) -> jax.Array:
     del block_fn  # Always 'mbconv'.
     block = functools.partial(
-        layers.InvertedBottleneckBlock, filters, self.expand_ratio,
+        layers.remat(layers.InvertedBottleneckBlock, self.remat != 'none'),
+        filters, self.expand_ratio,
         se_ratio=self.se_ratio, stochastic_depth_rate=rate,
         activation=defs.activation,
         se_inner_activation=self.se_inner_activation,

@@ -6,6 +6,13 @@ MACs are counted from the model itself: the forward pass is traced to a jaxpr
 (no compilation) and every convolution and matmul in it contributes
 output elements x contraction size. Elementwise work (batch norm,
 activations, pooling) is not counted, as in the paper's FLOPs.
+
+With --memory the COCO recipe's train step is also compiled (not run) for a
+per-device batch, compute dtype, rematerialisation and mesh, and its
+per-device memory and collectives are printed (`step_audit.py`):
+
+  python -m spinenet_jax.summary --model=143 --image_size=1280 --memory \
+      --dtype=bfloat16 --batch=2 --remat=blocks --num_devices=8 --mesh_model=2
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import common
+from spinenet_jax import layers
 from spinenet_jax import models
+from spinenet_jax import step_audit
 
 
 def _sub_jaxprs(params: dict[str, Any]) -> Iterator[Any]:
@@ -83,11 +93,56 @@ flags.DEFINE_integer('image_size', 640, 'Square input size.')
 flags.DEFINE_integer('num_classes', None, 'Classes (default 91 / 1001).')
 flags.DEFINE_string('dtype', 'float32', 'Compute dtype.')
 flags.DEFINE_bool('json', False, 'Print one JSON object.')
+flags.DEFINE_bool('memory', False, 'Compile the train step (not run) and '
+                  'print its per-device memory and collectives.')
+flags.DEFINE_integer('batch', 1, 'Per-device batch (--memory).')
+flags.DEFINE_enum('remat', 'none', list(layers.REMAT_MODES),
+                  'Rematerialisation (--memory).')
+flags.DEFINE_integer('mesh_model', 1, "Devices on the mesh's 'model' axis: "
+                     'spatial partitioning (--memory).')
+flags.DEFINE_integer('num_devices', None, 'Simulated CPU devices '
+                     '(--memory; default: the devices there are).')
+
+
+def memory_report(model_id: str, image_size: int, per_device_batch: int,
+                  dtype: str = 'bfloat16', remat: str = 'none',
+                  mesh_model: int = 1) -> dict[str, Any]:
+  """Per-device memory (bytes) and collectives of the COCO recipe's
+  compiled train step over all devices, `mesh_model` of them on 'model'."""
+  config = common.coco_recipe(model_id, image_size)
+  config.dtype = dtype
+  config.model.remat = remat
+  config.mesh.model = mesh_model
+  config.batch_size = per_device_batch * jax.device_count() // mesh_model
+  compiled = step_audit.lower_train_step(config).compile()
+  return {'memory': step_audit.memory(compiled),
+          'collectives': step_audit.summarize(
+              step_audit.collectives(compiled))}
+
+
+def _print_memory() -> None:
+  report = memory_report(FLAGS.model, FLAGS.image_size, FLAGS.batch,
+                         FLAGS.dtype, FLAGS.remat, FLAGS.mesh_model)
+  if FLAGS.json:
+    print(json.dumps(report))
+    return
+  print(f'train step, {jax.device_count()} devices (model axis '
+        f'{FLAGS.mesh_model}), per-device batch {FLAGS.batch}, '
+        f'{FLAGS.dtype}, remat {FLAGS.remat}; per device:')
+  for key, value in report['memory'].items():
+    print(f'  {key:12s} {value / 2**30:8.3f} GiB')
+  for op, (count, size) in sorted(report['collectives'].items()):
+    print(f'  {op}: {count} ops, {size:,} B')
 
 
 def main(argv: Sequence[str]) -> None:
   """Prints the summary of --model; `argv` is unused (absl.app)."""
   del argv
+  if FLAGS.memory:
+    if FLAGS.num_devices:
+      jax.config.update('jax_num_cpu_devices', FLAGS.num_devices)
+    _print_memory()
+    return
   kwargs = {'model_id': FLAGS.model, 'dtype': models.get_dtype(FLAGS.dtype)}
   if FLAGS.num_classes is not None:
     kwargs['num_classes'] = FLAGS.num_classes

@@ -127,6 +127,7 @@ def make_train_step(model, config, tx, schedule, state_shardings, mesh):
 
   def step_fn(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.key(config.seed + 1), state.step)
+    batch = sharding.partition_images(batch, mesh)
 
     def objective(params):
       return task.loss({'params': params, 'batch_stats': state.batch_stats},
@@ -156,7 +157,9 @@ def make_eval_step(model, config, mesh):
   task = tasks.get_task(config, model)
   out = (sharding.batch_sharding(mesh) if task.eval_outputs_batched
          else sharding.replicated(mesh))
-  return jax.jit(task.eval_step, in_shardings=(sharding.replicated(mesh),
+  eval_step = lambda variables, batch: task.eval_step(
+      variables, sharding.partition_images(batch, mesh))
+  return jax.jit(eval_step, in_shardings=(sharding.replicated(mesh),
                                                sharding.batch_sharding(mesh)),
                  out_shardings=out)
 

@@ -1,0 +1,193 @@
+"""The compiled train step, examined without running it.
+
+`lower_train_step(config)` lowers the real train step (`train_lib.
+make_train_step`) on abstract state and batch, so nothing is initialised or
+run; `memory(compiled)` reads XLA's per-device memory analysis and
+`collectives(compiled)` lists every collective in the partitioned HLO with
+the bytes it moves. `audit_data_parallel` checks a data-parallel step
+against what it must communicate: the gradient all-reduce (4 bytes x
+parameters) plus the batch-norm statistics, and nothing else; nothing in it
+may grow with the image size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from spinenet_jax import models
+from spinenet_jax import optim
+from spinenet_jax import sharding
+from spinenet_jax import train_lib
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+               'collective-permute', 'collective-broadcast')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
+          'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8,
+          'u64': 8}
+# `%name = SHAPE op(` or `%name = (SHAPE, SHAPE) op-start(`.
+_LINE = re.compile(r'=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\]\S*)\s+'
+                   r'(?P<op>' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
+_ARRAY = re.compile(r'\b([a-z]+[0-9]*)\[([0-9,]*)\]')
+_GROUPS = re.compile(r'replica_groups=(\{[^}]*\}\}|mesh\[[^\]]*\] \{[^}]*\}|'
+                     r'\[[^\]]*\][^,]*)')
+_COMMENT = re.compile(r'/\*.*?\*/')
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective of a compiled program: per-device output bytes."""
+  op: str
+  shapes: tuple[str, ...]
+  bytes: int
+  groups: str
+
+  def __str__(self) -> str:
+    return f'{self.op} {self.bytes:,} B {" ".join(self.shapes)} {self.groups}'
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   image_size: int | None = None) -> dict[str, Any]:
+  """ShapeDtypeStructs of a global training batch, sharded as train.py
+  shards it (on 'data')."""
+  b = config.batch_size
+  s = image_size or config.data.image_size
+  if config.task == 'retinanet':
+    n = config.data.max_instances
+    shapes = {'image': ((b, s, s, 3), jnp.float32),
+              'boxes': ((b, n, 4), jnp.float32),
+              'classes': ((b, n), jnp.int32),
+              'is_crowd': ((b, n), jnp.bool_)}
+  else:
+    shapes = {'image': ((b, s, s, 3), jnp.float32), 'label': ((b,), jnp.int32)}
+  on_data = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=on_data)
+          for k, (shape, dtype) in shapes.items()}
+
+
+def lower_train_step(config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh | None = None,
+                     state_shardings: Any = None) -> jax.stages.Lowered:
+  """The train step of `config` lowered on abstract inputs over `mesh`
+  (default: `config.mesh` over all devices). `state_shardings` replaces the
+  replicated state shardings (a tree like the state, or a function of the
+  abstract state's tree and the mesh)."""
+  mesh = mesh or sharding.create_mesh(config.mesh)
+  model = models.build_model(config)
+  schedule = optim.learning_rate_schedule(config.optimizer,
+                                          config.batch_size, 1000)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  abstract = jax.eval_shape(lambda: train_lib.init_state(model, tx, config))
+  if state_shardings is None:
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  elif callable(state_shardings):
+    shardings = state_shardings(abstract, mesh)
+  else:
+    shardings = state_shardings
+  with jax.set_mesh(mesh):
+    step = train_lib.make_train_step(model, config, tx, schedule, shardings,
+                                     mesh)
+    state = train_lib.abstract_state(model, tx, config, shardings)
+    return step.lower(state, abstract_batch(config, mesh))
+
+
+def memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+  """Per-device bytes of a compiled program: arguments, outputs,
+  temporaries, aliased (donated) and their total (arguments + outputs +
+  temporaries - aliased)."""
+  m = compiled.memory_analysis()
+  out = {'arguments': m.argument_size_in_bytes,
+         'outputs': m.output_size_in_bytes,
+         'temporaries': m.temp_size_in_bytes,
+         'aliased': m.alias_size_in_bytes}
+  out['total'] = (out['arguments'] + out['outputs'] + out['temporaries'] -
+                  out['aliased'])
+  return out
+
+
+def _shape_bytes(text: str) -> tuple[tuple[str, ...], int]:
+  shapes, total = [], 0
+  for dtype, dims in _ARRAY.findall(text):
+    if dtype not in _BYTES:
+      continue
+    size = math.prod(int(d) for d in dims.split(',') if d)
+    shapes.append(f'{dtype}[{dims}]')
+    total += size * _BYTES[dtype]
+  return tuple(shapes), total
+
+
+def collectives(program: jax.stages.Compiled | str) -> list[Collective]:
+  """Every collective in a compiled (partitioned) program's HLO, with its
+  per-device output bytes; asynchronous pairs count once (the start)."""
+  text = program if isinstance(program, str) else program.as_text()
+  found = []
+  for line in text.splitlines():
+    line = _COMMENT.sub('', line)  # Long tuples carry /*index=5*/ marks.
+    match = _LINE.search(line)
+    if not match:
+      continue
+    shapes, size = _shape_bytes(match.group('shape'))
+    if match.group('op') == 'collective-permute' and '-start(' in line:
+      # Its start's tuple holds the input, the output and two u32 contexts.
+      shapes, size = shapes[1:2], _shape_bytes(shapes[1])[1]
+    groups = _GROUPS.search(line)
+    found.append(Collective(match.group('op'), shapes, size,
+                            groups.group(1) if groups else ''))
+  return found
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of the float32 arrays of a tree of arrays or abstract arrays."""
+  return sum(4 * math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def summarize(found: list[Collective]) -> dict[str, tuple[int, int]]:
+  """{op: (count, total bytes)}."""
+  out: dict[str, tuple[int, int]] = {}
+  for c in found:
+    n, b = out.get(c.op, (0, 0))
+    out[c.op] = (n + 1, b + c.bytes)
+  return out
+
+
+def audit_data_parallel(found: list[Collective], params: Any,
+                        batch_stats: Any,
+                        slack_bytes: int = 64 * 1024) -> list[str]:
+  """Problems of a data-parallel step's collectives (empty: as expected).
+
+  Expected: all-reduces only, of the gradients (4 bytes x parameters) plus
+  the batch-norm reductions over the global batch (the forward pass's mean
+  and mean of squares, the backward pass's two sums: at most twice the
+  bytes of `batch_stats`), plus `slack_bytes` for loss terms, metrics and
+  partial sums that XLA reduces separately (a weight shared across levels,
+  as the RetinaNet head's, can be reduced once per level on CPU). Anything
+  else (an all-gather of a mis-sharded weight, a collective-permute of a
+  halo) is named.
+  """
+  problems = [f'unexpected {c}' for c in found if c.op != 'all-reduce']
+  total = sum(c.bytes for c in found if c.op == 'all-reduce')
+  grads, stats = tree_bytes(params), 2 * tree_bytes(batch_stats)
+  if total < grads:
+    problems.append(f'all-reduces move {total:,} B, less than the '
+                    f'{grads:,} B of gradients: are gradients reduced?')
+  if total > grads + stats + slack_bytes:
+    problems.append(f'all-reduces move {total:,} B, more than gradients '
+                    f'{grads:,} + batch-norm reductions {stats:,} + '
+                    f'{slack_bytes:,} B: something else is reduced')
+  return problems
+
+
+def param_count(config: ml_collections.ConfigDict) -> int:
+  """Trainable parameters of `config`'s model (abstract, nothing run)."""
+  model = models.build_model(config)
+  s = config.data.image_size
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
