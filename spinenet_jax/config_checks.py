@@ -289,20 +289,27 @@ def check_batch_and_mesh(config: ml_collections.ConfigDict,
 
 
 def check_image_size(config: ml_collections.ConfigDict, top: int) -> None:
-  """Image size: positive; RetinaNet's divides by 2**top (no resizing);
-  with spatial partitioning (mesh.model = k > 1) by k * 2**top, so that
-  every feature map's height splits evenly over the 'model' axis."""
+  """Image size: positive; RetinaNet's divides by 2**top (no resizing)."""
   size = config.data.image_size
   _check_number('data.image_size', size, 1, integer=True)
   multiple = 2**top
-  k = config.get('mesh', {}).get('model', 1)
   hi = config.model.get('max_level', 7)
   extra = f', blocks up to level {top}' if top > hi else ''
   if config.task == 'retinanet' and size % multiple:
     _fail('data.image_size', size, f'is not divisible by 2**max_level = '
           f'{multiple} (max_level={hi}{extra})', f'use a multiple of '
           f'{multiple}, e.g. {max(round(size / multiple), 1) * multiple}')
-  if _is_int(k) and k > 1 and size % (k * multiple):
+
+
+def check_spatial_partitioning(config: ml_collections.ConfigDict,
+                               top: int) -> None:
+  """With mesh.model = k > 1 the image size divides by k * 2**top, so that
+  every feature map's height splits evenly over the 'model' axis."""
+  size, multiple = config.data.image_size, 2**top
+  k = config.mesh.get('model', 1)
+  hi = config.model.get('max_level', 7)
+  extra = f', blocks up to level {top}' if top > hi else ''
+  if k > 1 and size % (k * multiple):
     near = max(round(size / (k * multiple)), 1) * k * multiple
     _fail('data.image_size', size, f'is not divisible by mesh.model x '
           f'2**max_level = {k} x {multiple} = {k * multiple} (max_level={hi}'
@@ -394,5 +401,6 @@ def validate(config: ml_collections.ConfigDict,
   top = check_model(config)
   check_image_size(config, top)
   check_batch_and_mesh(config, n)
+  check_spatial_partitioning(config, top)
   total = check_durations(config)
   check_optimizer(config.optimizer, total)
