@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from spinenet_jax import models
 from spinenet_jax import optim
@@ -183,11 +182,3 @@ def audit_data_parallel(found: list[Collective], params: Any,
                     f'{slack_bytes:,} B: something else is reduced')
   return problems
 
-
-def param_count(config: ml_collections.ConfigDict) -> int:
-  """Trainable parameters of `config`'s model (abstract, nothing run)."""
-  model = models.build_model(config)
-  s = config.data.image_size
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
