@@ -35,17 +35,13 @@ def _two_processes(root: Path, name: str, overrides: dict) -> list:
                      '--num_cpu_devices=4') for i in (0, 1)]
 
 
-def _losses(workdir: Path) -> dict[int, float]:
-  records = [json.loads(l) for l in
-             (workdir / 'metrics.jsonl').read_text().splitlines()]
-  return {r['step']: r['loss'] for r in records if 'loss' in r}
-
-
-def _ap(workdir: Path) -> float | None:
+def _losses_and_ap(workdir: Path) -> tuple[dict[int, float], float | None]:
+  """{step: training loss} and the last evaluation's AP of a run."""
   records = [json.loads(l) for l in
              (workdir / 'metrics.jsonl').read_text().splitlines()]
   aps = [r['AP'] for r in records if 'AP' in r]
-  return aps[-1] if aps else None
+  return ({r['step']: r['loss'] for r in records if 'loss' in r},
+          aps[-1] if aps else None)
 
 
 def main() -> None:
@@ -73,7 +69,7 @@ def main() -> None:
     codes = [run.wait() for run in runs]
     if codes != [0, 0]:
       sys.exit(f'{name}: exit codes {codes}; see {runs[0].log_path}')
-    results[name] = _losses(root / name), _ap(root / name)
+    results[name] = _losses_and_ap(root / name)
     print(f'{name} (mesh.model={k}): {time.time() - runs[0].t0:.0f} s, '
           f'AP {results[name][1]}', flush=True)
   (part, part_ap), (ref, ref_ap) = (results['partitioned'],

@@ -293,12 +293,17 @@ def check_image_size(config: ml_collections.ConfigDict, top: int) -> None:
   size = config.data.image_size
   _check_number('data.image_size', size, 1, integer=True)
   multiple = 2**top
-  hi = config.model.get('max_level', 7)
-  extra = f', blocks up to level {top}' if top > hi else ''
   if config.task == 'retinanet' and size % multiple:
     _fail('data.image_size', size, f'is not divisible by 2**max_level = '
-          f'{multiple} (max_level={hi}{extra})', f'use a multiple of '
+          f'{multiple} ({_levels(config, top)})', f'use a multiple of '
           f'{multiple}, e.g. {max(round(size / multiple), 1) * multiple}')
+
+
+def _levels(config: ml_collections.ConfigDict, top: int) -> str:
+  """'max_level=7', with the top block's level where that is higher."""
+  hi = config.model.get('max_level', 7)
+  return f'max_level={hi}' + (f', blocks up to level {top}' if top > hi
+                              else '')
 
 
 def check_spatial_partitioning(config: ml_collections.ConfigDict,
@@ -307,13 +312,11 @@ def check_spatial_partitioning(config: ml_collections.ConfigDict,
   every feature map's height splits evenly over the 'model' axis."""
   size, multiple = config.data.image_size, 2**top
   k = config.mesh.get('model', 1)
-  hi = config.model.get('max_level', 7)
-  extra = f', blocks up to level {top}' if top > hi else ''
   if k > 1 and size % (k * multiple):
     near = max(round(size / (k * multiple)), 1) * k * multiple
     _fail('data.image_size', size, f'is not divisible by mesh.model x '
-          f'2**max_level = {k} x {multiple} = {k * multiple} (max_level={hi}'
-          f'{extra}): spatial partitioning splits the height of every '
+          f'2**max_level = {k} x {multiple} = {k * multiple} '
+          f'({_levels(config, top)}): spatial partitioning splits the height of every '
           f'feature map, down to level {top}, over the {k} devices of the '
           f"'model' axis", f'use a multiple of {k * multiple}, e.g. {near}, '
           f'or a smaller config.mesh.model')

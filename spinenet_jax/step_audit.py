@@ -52,12 +52,11 @@ class Collective:
     return f'{self.op} {self.bytes:,} B {" ".join(self.shapes)} {self.groups}'
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   image_size: int | None = None) -> dict[str, Any]:
+def abstract_batch(config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """ShapeDtypeStructs of a global training batch, sharded as train.py
   shards it (on 'data')."""
-  b = config.batch_size
-  s = image_size or config.data.image_size
+  b, s = config.batch_size, config.data.image_size
   if config.task == 'retinanet':
     n = config.data.max_instances
     shapes = {'image': ((b, s, s, 3), jnp.float32),
@@ -85,7 +84,7 @@ def lower_train_step(config: ml_collections.ConfigDict,
   tx = optim.create_optimizer(config.optimizer, schedule)
   abstract = jax.eval_shape(lambda: train_lib.init_state(model, tx, config))
   if state_shardings is None:
-    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    shardings = train_lib.replicated_shardings(abstract, mesh)
   elif callable(state_shardings):
     shardings = state_shardings(abstract, mesh)
   else:
@@ -93,8 +92,8 @@ def lower_train_step(config: ml_collections.ConfigDict,
   with jax.set_mesh(mesh):
     step = train_lib.make_train_step(model, config, tx, schedule, shardings,
                                      mesh)
-    state = train_lib.abstract_state(model, tx, config, shardings)
-    return step.lower(state, abstract_batch(config, mesh))
+    return step.lower(train_lib.with_shardings(abstract, shardings),
+                      abstract_batch(config, mesh))
 
 
 def memory(compiled: jax.stages.Compiled) -> dict[str, int]:

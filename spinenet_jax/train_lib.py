@@ -73,11 +73,13 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation,
       ema_params=params if config.optimizer.ema_decay else None)
 
 
-def _replicated(abstract: Any, mesh) -> Any:
+def replicated_shardings(abstract: Any, mesh) -> Any:
+  """A replicated sharding on `mesh` for every leaf of `abstract`."""
   return jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
 
 
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract` carrying `shardings`."""
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, shardings)
@@ -86,13 +88,13 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 def create_state(model, tx, config, mesh) -> tuple[TrainState, Any]:
   """Creates the state directly with replicated shardings on the mesh."""
   init = lambda: init_state(model, tx, config)
-  shardings = _replicated(jax.eval_shape(init), mesh)
+  shardings = replicated_shardings(jax.eval_shape(init), mesh)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
 def abstract_state(model, tx, config, shardings) -> TrainState:
   """Shapes, dtypes and shardings of the state (a restore target)."""
-  return _with_shardings(
+  return with_shardings(
       jax.eval_shape(lambda: init_state(model, tx, config)), shardings)
 
 
@@ -107,9 +109,9 @@ def initial_state(model, tx, config, mesh, manager, warn=print,
   restore_newest_good`); `hint` is added to a config-mismatch error.
   """
   abstract = jax.eval_shape(lambda: init_state(model, tx, config))
-  shardings = _replicated(abstract, mesh)
+  shardings = replicated_shardings(abstract, mesh)
   state, step = checkpoints.restore_newest_good(
-      manager, _with_shardings(abstract, shardings), warn, hint)
+      manager, with_shardings(abstract, shardings), warn, hint)
   if state is None:  # A first start: from config.init_from if set.
     state, shardings = create_state(model, tx, config, mesh)
     return finetune.initialise(state, config, tx, shardings, warn), \
