@@ -141,11 +141,15 @@ def report(case: str, ok: bool, what: str, seconds: float | None) -> bool:
   return ok
 
 
+def metrics(workdir: Path) -> list[dict]:
+  """The records of a run's `metrics.jsonl`, in order."""
+  return [json.loads(l) for l in
+          (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
 def final_loss(workdir: Path) -> float | None:
   """The training loss logged at the last step."""
-  path = workdir / 'metrics.jsonl'
-  records = [json.loads(l) for l in path.read_text().splitlines()]
-  losses = [r['loss'] for r in records if r.get('step') == STEPS
+  losses = [r['loss'] for r in metrics(workdir) if r.get('step') == STEPS
             and 'loss' in r]
   return losses[-1] if losses else None
 

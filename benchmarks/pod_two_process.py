@@ -17,14 +17,13 @@ cores); tests/test_pod.py checks one partitioned step in one process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 import sys
 import tempfile
 import time
 
-import faults  # benchmarks/, beside this script: Run, free_port
+import faults  # benchmarks/, beside this script: Run, free_port, metrics
 from tests import tiny  # faults puts the repository on sys.path
 
 
@@ -37,8 +36,7 @@ def _two_processes(root: Path, name: str, overrides: dict) -> list:
 
 def _losses_and_ap(workdir: Path) -> tuple[dict[int, float], float | None]:
   """{step: training loss} and the last evaluation's AP of a run."""
-  records = [json.loads(l) for l in
-             (workdir / 'metrics.jsonl').read_text().splitlines()]
+  records = faults.metrics(workdir)
   aps = [r['AP'] for r in records if 'AP' in r]
   return ({r['step']: r['loss'] for r in records if 'loss' in r},
           aps[-1] if aps else None)
