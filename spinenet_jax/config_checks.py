@@ -296,7 +296,12 @@ def check_image_size(config: ml_collections.ConfigDict, top: int) -> None:
   if config.task == 'retinanet' and size % multiple:
     _fail('data.image_size', size, f'is not divisible by 2**max_level = '
           f'{multiple} ({_levels(config, top)})', f'use a multiple of '
-          f'{multiple}, e.g. {max(round(size / multiple), 1) * multiple}')
+          f'{multiple}, e.g. {_near_multiple(size, multiple)}')
+
+
+def _near_multiple(size: int, multiple: int) -> int:
+  """The multiple of `multiple` nearest `size` (at least `multiple`)."""
+  return max(round(size / multiple), 1) * multiple
 
 
 def _levels(config: ml_collections.ConfigDict, top: int) -> str:
@@ -313,12 +318,12 @@ def check_spatial_partitioning(config: ml_collections.ConfigDict,
   size, multiple = config.data.image_size, 2**top
   k = config.mesh.get('model', 1)
   if k > 1 and size % (k * multiple):
-    near = max(round(size / (k * multiple)), 1) * k * multiple
     _fail('data.image_size', size, f'is not divisible by mesh.model x '
           f'2**max_level = {k} x {multiple} = {k * multiple} '
-          f'({_levels(config, top)}): spatial partitioning splits the height of every '
-          f'feature map, down to level {top}, over the {k} devices of the '
-          f"'model' axis", f'use a multiple of {k * multiple}, e.g. {near}, '
+          f'({_levels(config, top)}): spatial partitioning splits the '
+          f'height of every feature map, down to level {top}, over the {k} '
+          f"devices of the 'model' axis", f'use a multiple of '
+          f'{k * multiple}, e.g. {_near_multiple(size, k * multiple)}, '
           f'or a smaller config.mesh.model')
 
 
