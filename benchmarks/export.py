@@ -41,8 +41,7 @@ CASES = {  # format -> the graphs and quantizations it is measured with.
     'savedmodel': [('detector', 'none')],
     'tflite': [('detector', 'none'), ('raw', 'none'), ('raw', 'dynamic'),
                ('raw', 'int8')],
-    # jax2onnx converts the backbone but not the RetinaNet head yet (export.py).
-    'onnx': [('backbone', 'none')],
+    'onnx': [('raw', 'none'), ('backbone', 'none')],  # No NMS in ONNX.
 }
 
 

@@ -16,7 +16,7 @@ Formats (`--format`):
 - `tflite`: LiteRT flatbuffer, TFLite builtin ops only, optionally
   quantized (`export_tf.py`).
 - `onnx`: ONNX through jax2onnx, run in the separate `make onnx`
-  environment (`export_onnx.py`).
+  environment (`export_onnx.py`); every graph but the detector.
 
 What (`--what`): `detector` (normalisation, backbone, head, box decode and
 NMS: images in, boxes / scores / classes / num_detections out), `raw` (the
@@ -101,19 +101,8 @@ def check_request(run: inference.Run, fmt: str, what: str | None = None,
     raise ExportError(
         '--format=onnx cannot take --what=detector: the NMS (a while loop '
         'with boolean selects and scatters) does not run in onnxruntime. '
-        'Export --what=backbone to ONNX, or use --format=jax or savedmodel '
-        'for the whole detector.')
-  if fmt == 'onnx' and what == 'raw':
-    raise ExportError(
-        '--format=onnx cannot take --what=raw yet: jax2onnx does not finish '
-        "converting the RetinaNet head (its graph optimiser runs for over "
-        '10 minutes). Export --what=backbone to ONNX, or the raw outputs '
-        'with --format=jax, savedmodel or tflite.')
-  if fmt == 'onnx' and run.model.is_mobile:
-    raise ExportError(
-        '--format=onnx cannot take SpineNet-Mobile yet: jax2onnx writes a '
-        'graph that onnxruntime rejects (mismatched layouts in a Mul). Use '
-        '--format=tflite (the format for Mobile), jax or savedmodel.')
+        'Export --what=raw to ONNX and decode and NMS its outputs in your '
+        'runtime, or use --format=jax or savedmodel for the whole detector.')
   if quantize not in QUANTIZE:
     raise ExportError(f'--quantize={quantize!r} is not one of {QUANTIZE}.')
   if quantize != 'none' and fmt != 'tflite':
@@ -172,11 +161,10 @@ def _backbone_variables(variables: dict[str, Any]) -> dict[str, Any]:
 def export_model(run: inference.Run, request: Request):
   """The run's model in the request's dtype (float32 by default, whatever
   the training dtype). Its convolutions are XLA's (which the TFLite
-  converter maps to its own conv ops, and which suit GPUs and TPUs) except
-  in CPU-only jax artifacts, where im2col matmuls are faster, and in ONNX,
-  where jax2onnx's transpose optimisation is much slower with them."""
-  keep = (request.format == 'onnx' or
-          request.format == 'jax' and request.platforms == ('cpu',))
+  converter maps to its own conv ops, jax2onnx to ONNX Conv, and which
+  suit GPUs and TPUs) except in CPU-only jax artifacts, where im2col
+  matmuls are faster."""
+  keep = request.format == 'jax' and request.platforms == ('cpu',)
   return run.model.clone(dtype=models.get_dtype(request.dtype),
                          conv_impl=run.model.conv_impl if keep else 'xla')
 

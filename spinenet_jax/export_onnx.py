@@ -8,16 +8,16 @@ onnxruntime). `python -m spinenet_jax.export --format=onnx` in the main
 environment restores the run as usual, hands the model's config, weights
 and check images to that environment's Python (`.venv-onnx/bin/python`, or
 `$SPINENET_ONNX_PYTHON`), which converts, runs onnxruntime on the images and
-hands the outputs back for the parity check. Where jax2onnx is importable
-the conversion runs in-process. The detector's NMS does not run in
-onnxruntime, and jax2onnx 0.17.1 does not finish converting the RetinaNet
-head (its transpose-pair optimisation ran over 10 minutes on the tiny
-head), so ONNX takes the backbone and the classifier
+hands the outputs and the graph's op counts back for the parity check and
+the manifest. Where jax2onnx is importable the conversion runs in-process.
+ONNX takes the raw outputs, the backbone and the classifier of SpineNet and
+SpineNet-Mobile; the detector's NMS does not run in onnxruntime
 (`export.check_request`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -45,25 +45,43 @@ OPSET = 23
 
 
 def convert_and_run(fn: export_lib.ServingFn, variables: Any,
-                    request: export_lib.Request, path: str,
-                    images: np.ndarray) -> dict[str, np.ndarray]:
-  """Writes `path` (weights inlined, named inputs and outputs) and returns
-  onnxruntime's outputs on `images`."""
+                    request: export_lib.Request, path: str, images: np.ndarray
+                    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Writes `path` (weights inlined, named inputs and outputs); returns
+  onnxruntime's outputs on `images` and the graph's node count by op."""
   import jax2onnx  # pylint: disable=g-import-not-at-top
+  import onnx  # pylint: disable=g-import-not-at-top
+  import onnx_ir  # pylint: disable=g-import-not-at-top
+  import onnx_ir.passes.common  # pylint: disable=g-import-not-at-top
   import onnxruntime  # pylint: disable=g-import-not-at-top
   spec = export_lib.abstract_input(request)  # A symbolic batch: 'b'.
   names = sorted(jax.eval_shape(lambda x: fn(variables, x), spec))
-  jax2onnx.to_onnx(
-      lambda images: tuple(fn(variables, images)[k] for k in names),
-      [spec], model_name='spinenet_jax', opset=OPSET,
-      return_mode='file', output_path=path, input_names=['images'],
-      output_names=names)
+
+  def outputs(images):  # One trace of `fn`: a call per output would copy it.
+    out = fn(variables, images)
+    return tuple(out[k] for k in names)
+
+  model = jax2onnx.to_onnx(
+      outputs, [spec], model_name='spinenet_jax', opset=OPSET,
+      return_mode='ir', input_names=['images'], output_names=names)
+  # jax2onnx 0.17 writes a copy of a kernel per call site: the RetinaNet
+  # head's shared kernels five times, once per level. Keep one.
+  onnx_ir.passes.common.DeduplicateInitializersPass(size_limit=1 << 40)(model)
+  model = onnx_ir.to_proto(model)
+  # It also moves elementwise ops between NHWC and NCHW after it has
+  # annotated their shapes, and leaves the old annotations: onnxruntime then
+  # rejects a Mul of two operands annotated in different layouts
+  # (SpineNet-Mobile's hard swish after batch norm) and warns about the
+  # rest. The annotations are optional; inferred afresh they are right.
+  del model.graph.value_info[:]
+  onnx.save(onnx.shape_inference.infer_shapes(model), path)
+  ops = collections.Counter(node.op_type for node in model.graph.node)
   session = onnxruntime.InferenceSession(
       path, providers=['CPUExecutionProvider'])
   from spinenet_jax import export_report  # pylint: disable=g-import-not-at-top
   return export_report.call_in_batches(
       lambda x: dict(zip(names, session.run(names, {'images': x}))), images,
-      request.batch)
+      request.batch), dict(sorted(ops.items()))
 
 
 def _importable() -> bool:
@@ -82,8 +100,8 @@ def write_onnx(fn: export_lib.ServingFn, variables: Any,
   path = os.path.join(output, 'model.onnx')
   extra = {'onnx_opset': OPSET}
   if _importable():
-    return 'model.onnx', convert_and_run(fn, variables, request, path,
-                                         images), extra
+    got, ops = convert_and_run(fn, variables, request, path, images)
+    return 'model.onnx', got, {**extra, 'onnx_ops': ops}
   python = os.environ.get(ONNX_PYTHON_ENV) or str(DEFAULT_PYTHON)
   if not os.path.exists(python):
     raise export_lib.ExportError(MISSING.format(python=python))
@@ -106,9 +124,12 @@ def write_onnx(fn: export_lib.ServingFn, variables: Any,
       raise RuntimeError(f'ONNX conversion in {python} failed:\n'
                          f'{proc.stderr[-4000:]}')
     got = dict(np.load(os.path.join(job, 'outputs.npz')))
+    with open(os.path.join(job, 'ops.json')) as f:
+      ops = json.load(f)
   finally:
     shutil.rmtree(job, ignore_errors=True)
-  return 'model.onnx', got, {**extra, 'converted_by': python}
+  return 'model.onnx', got, {**extra, 'onnx_ops': ops,
+                             'converted_by': python}
 
 
 def _job_main(job: str, path: str) -> None:
@@ -126,9 +147,12 @@ def _job_main(job: str, path: str) -> None:
       dict(np.load(os.path.join(job, 'variables.npz'))), sep='/')
   run = inference.Run(model=models.build_model(config), variables=variables,
                       config=config, step=step)
-  out = convert_and_run(export_lib.serving_function(run, request), variables,
-                        request, path, np.load(os.path.join(job, 'images.npy')))
+  out, ops = convert_and_run(export_lib.serving_function(run, request),
+                             variables, request, path,
+                             np.load(os.path.join(job, 'images.npy')))
   np.savez(os.path.join(job, 'outputs.npz'), **out)
+  with open(os.path.join(job, 'ops.json'), 'w') as f:
+    json.dump(ops, f)
 
 
 if __name__ == '__main__':

@@ -68,8 +68,7 @@ def cls_run(cls_reference):
 
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(fmt='onnx', what='detector'), 'NMS.*--what=backbone'),
-    (dict(fmt='onnx', what='raw'), 'RetinaNet head'),
+    (dict(fmt='onnx', what='detector'), 'NMS.*--what=raw'),
     (dict(fmt='jax', image_size=200), r'200 is not a multiple of 128.*256'),
     (dict(fmt='jax', quantize='int8'), 'for --format=tflite only'),
     (dict(fmt='tflite', quantize='int8', what='detector'), 'int8 cannot take'),
@@ -218,13 +217,21 @@ def _onnx_available() -> bool:
 
 @pytest.mark.skipif(not _onnx_available(),
                     reason='ONNX export needs `make onnx` (its own venv)')
-def test_onnx_backbone_and_classifier_run_in_onnxruntime(det_run, cls_run,
-                                                         tmp_path):
-  info = export.export_run(det_run, 'onnx', str(tmp_path / 'backbone'),
-                           what='backbone', batch='dynamic',
-                           log=lambda _: None)
-  assert info['input']['shape'] == [None, 128, 128, 3]
-  assert max(info['max_difference_to_jax'].values()) <= export_report.RAW_RTOL
-  info = export.export_run(cls_run, 'onnx', str(tmp_path / 'cls'),
-                           log=lambda _: None)
-  assert max(info['max_difference_to_jax'].values()) <= export_report.RAW_RTOL
+def test_onnx_raw_backbone_mobile_and_classifier_run_in_onnxruntime(
+    det_run, mobile_run, cls_run, tmp_path):
+  ops = {}
+  for name, run, what in (('raw', det_run, 'raw'),
+                          ('backbone', det_run, 'backbone'),
+                          ('mobile', mobile_run, 'raw'),
+                          ('cls', cls_run, 'classifier')):
+    info = export.export_run(run, 'onnx', str(tmp_path / name), what=what,
+                             batch='dynamic', log=lambda _: None)
+    assert info['input']['shape'] == [None, 128, 128, 3], name
+    assert max(info['max_difference_to_jax'].values()
+               ) <= export_report.RAW_RTOL, name
+    ops[name] = info['onnx_ops']
+  # One copy of the network, not one per output (five feature maps here):
+  # a batch norm node per batch-norm layer of the backbone.
+  bn_layers = len(jax.tree.leaves(det_run.variables['batch_stats'][
+      'backbone'])) // 2
+  assert ops['backbone']['BatchNormalization'] == bn_layers
