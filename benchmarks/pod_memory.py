@@ -1,13 +1,21 @@
 """Per-device memory and collectives of the compiled train step (not run).
 
   python benchmarks/pod_memory.py [--cases=49@640:2:none:1,...] [--devices=8]
+  python benchmarks/pod_memory.py --halo=49@512x512:2,49@512x1024:2,...
 
-Each case is MODEL@SIZE:PER_DEVICE_BATCH:REMAT:MESH_MODEL; the COCO recipe's
+Each case is MODEL@SIZE:PER_DEVICE_BATCH:REMAT:MESH_MODEL[:CONV_IMPL]
+(`auto` by default: im2col for small maps on CPU); the COCO recipe's
 train step (bfloat16 unless --dtype) is lowered on abstract inputs over
 --devices simulated CPU devices and compiled, and XLA's memory analysis and
 the partitioned HLO's collectives are printed as one Markdown row per case.
 CPU compilation of the large models takes minutes per case; memory figures
 do not depend on the machine's load.
+
+`--halo` cases are MODEL@HEIGHTxWIDTH:MESH_MODEL: the model's forward and
+backward (`step_audit.lower_model_gradient`; the train step takes square
+images only) at one image per data shard, with XLA's convolutions (as on
+GPU/TPU), with its collectives by op, to show what grows with the height
+and what with the width.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ def main() -> None:
   parser.add_argument('--cases', default=DEFAULT_CASES)
   parser.add_argument('--devices', type=int, default=8)
   parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--halo', default='')
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -36,6 +45,9 @@ def main() -> None:
   jax.config.update('jax_platforms', 'cpu')
   sys.path.insert(0, '.')
   from spinenet_jax import summary  # pylint: disable=g-import-not-at-top
+  if args.halo:
+    halo(args)
+    return
 
   gib = 2.0**30
   print(f'{args.devices} CPU devices, {args.dtype}, jax {jax.__version__}')
@@ -44,11 +56,13 @@ def main() -> None:
         'compile s |')
   print('|---|---|---|---|---|---|---|---|---|---|')
   for case in args.cases.split(','):
-    name, batch, remat, k = case.split(':')
+    name, batch, remat, k, *impl = case.split(':')
     model_id, size = name.split('@')
     start = time.perf_counter()
     report = summary.memory_report(model_id, int(size), int(batch),
-                                   args.dtype, remat, int(k))
+                                   args.dtype, remat, int(k), *impl)
+    if impl:
+      remat += f', {impl[0]} convs'
     seconds = time.perf_counter() - start
     m, c = report['memory'], dict(report['collectives'])
     reduce_mb = c.pop('all-reduce', (0, 0))[1] / 1e6
@@ -57,6 +71,37 @@ def main() -> None:
     print(f'| {name} | {batch} | {remat} | {k} | {m["arguments"] / gib:.2f} '
           f'| {m["temporaries"] / gib:.2f} | {m["total"] / gib:.2f} | '
           f'{reduce_mb:.1f} | {other} | {seconds:.0f} |', flush=True)
+
+
+def halo(args: argparse.Namespace) -> None:
+  """One row per --halo case: the collectives of the forward and backward."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from spinenet_jax import step_audit  # pylint: disable=g-import-not-at-top
+  print(f'{args.devices} CPU devices, {args.dtype}, jax {jax.__version__}; '
+        'forward + backward, one image per data shard')
+  print('| model | height x width | model axis | collective-permute | '
+        'all-gather | all-to-all | all-reduce | compile s |')
+  print('|---|---|---|---|---|---|---|---|')
+  for case in args.halo.split(','):
+    name, k = case.split(':')
+    model_id, shape = name.split('@')
+    height, width = (int(x) for x in shape.split('x'))
+    config = common.coco_recipe(model_id, height)
+    config.dtype, config.mesh.model = args.dtype, int(k)
+    # XLA's convolutions, as on GPU/TPU: on CPU 'auto' picks im2col for
+    # small maps, and which maps those are changes with the image shape.
+    config.model.conv_impl = 'xla'
+    config.batch_size = args.devices // int(k)
+    start = time.perf_counter()
+    compiled = step_audit.lower_model_gradient(config, height, width).compile()
+    seconds = time.perf_counter() - start
+    ops = step_audit.summarize(step_audit.collectives(compiled))
+    cells = [f'{ops[op][0]} ops {ops[op][1] / 1e6:.2f} MB' if op in ops
+             else '-' for op in ('collective-permute', 'all-gather',
+                                 'all-to-all', 'all-reduce')]
+    print(f'| {model_id} | {height} x {width} | {k} | {" | ".join(cells)} | '
+          f'{seconds:.0f} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -96,6 +96,44 @@ def lower_train_step(config: ml_collections.ConfigDict,
                       abstract_batch(config, mesh))
 
 
+def lower_model_gradient(config: ml_collections.ConfigDict, height: int,
+                         width: int,
+                         mesh: jax.sharding.Mesh | None = None
+                         ) -> jax.stages.Lowered:
+  """The gradient of the model's forward pass (train-mode batch norm, the
+  sum of squares of its outputs) on a [batch_size, height, width, 3] batch
+  sharded as the train step shards it (`sharding.partition_images`).
+
+  The train step takes square images only (its anchors and targets are
+  built for `data.image_size`); this is the same model's forward and
+  backward at any image shape, for what scales with the height or the
+  width (the halo exchanges of spatial partitioning)."""
+  mesh = mesh or sharding.create_mesh(config.mesh)
+  model = models.build_model(config)
+  size = config.data.image_size
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  variables = train_lib.with_shardings(
+      variables, train_lib.replicated_shardings(variables, mesh))
+
+  def grad(variables, images):
+    def loss(params):
+      out, _ = model.apply({**variables, 'params': params},
+                           sharding.partition_images({'image': images}, mesh
+                                                     )['image'],
+                           train=True, mutable=['batch_stats'],
+                           rngs={'dropout': jax.random.key(0)})
+      return sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                 for x in jax.tree.leaves(out))
+    return jax.grad(loss)(variables['params'])
+
+  images = jax.ShapeDtypeStruct((config.batch_size, height, width, 3),
+                                jnp.float32,
+                                sharding=sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    return jax.jit(grad).lower(variables, images)
+
+
 def memory(compiled: jax.stages.Compiled) -> dict[str, int]:
   """Per-device bytes of a compiled program: arguments, outputs,
   temporaries, aliased (donated) and their total (arguments + outputs +

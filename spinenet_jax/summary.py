@@ -106,12 +106,14 @@ flags.DEFINE_integer('num_devices', None, 'Simulated CPU devices '
 
 def memory_report(model_id: str, image_size: int, per_device_batch: int,
                   dtype: str = 'bfloat16', remat: str = 'none',
-                  mesh_model: int = 1) -> dict[str, Any]:
+                  mesh_model: int = 1, conv_impl: str = 'auto'
+                  ) -> dict[str, Any]:
   """Per-device memory (bytes) and collectives of the COCO recipe's
   compiled train step over all devices, `mesh_model` of them on 'model'."""
   config = common.coco_recipe(model_id, image_size)
   config.dtype = dtype
   config.model.remat = remat
+  config.model.conv_impl = conv_impl
   config.mesh.model = mesh_model
   config.batch_size = per_device_batch * jax.device_count() // mesh_model
   compiled = step_audit.lower_train_step(config).compile()
