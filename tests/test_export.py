@@ -156,6 +156,19 @@ def test_savedmodel_detector_runs_in_tf(det_run, tmp_path):
   assert det['boxes'].numpy()[0, :n[0]].max() > 128  # In 256 px pixels.
 
 
+def test_mobile_and_classifier_in_jax_and_savedmodel(mobile_run, cls_run,
+                                                    tmp_path):
+  """The graphs the detector tests above do not cover, read back from disk
+  (`export_run` checks what it wrote against the JAX model)."""
+  for fmt in ('jax', 'savedmodel'):
+    for name, run, what in (('mobile', mobile_run, 'raw'),
+                            ('cls', cls_run, 'classifier')):
+      info = export.export_run(run, fmt, str(tmp_path / fmt / name),
+                               what=what, log=lambda _: None)
+      assert max(info['max_difference_to_jax'].values()
+                 ) <= export_report.RAW_RTOL, (fmt, name)
+
+
 def test_tflite_detector_and_raw_are_builtin_and_match(det_run, tmp_path):
   from spinenet_jax import export_tf  # pylint: disable=g-import-not-at-top
   det = export.export_run(det_run, 'tflite', str(tmp_path / 'det'),
