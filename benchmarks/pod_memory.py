@@ -61,9 +61,9 @@ def main() -> None:
     start = time.perf_counter()
     report = summary.memory_report(model_id, int(size), int(batch),
                                    args.dtype, remat, int(k), *impl)
+    seconds = time.perf_counter() - start
     if impl:
       remat += f', {impl[0]} convs'
-    seconds = time.perf_counter() - start
     m, c = report['memory'], dict(report['collectives'])
     reduce_mb = c.pop('all-reduce', (0, 0))[1] / 1e6
     other = ', '.join(f'{op} {n} ops {b / 1e6:.1f} MB'
