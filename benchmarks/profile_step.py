@@ -87,7 +87,7 @@ def category(name: str, instrs: dict, comps: dict) -> str:
       k = filt[0] if grad else k
     where = 'head ' if '/head/' in op_name else ''
     what = ('filter-grad' if grad else 'input-grad' if back else 'forward')
-    shape = 'kxk im2col' if 'bhwk,kd' in op_name else f'{k}x{k}'
+    shape = 'kxk im2col' if '/im2col/' in op_name else f'{k}x{k}'
     return f'{where}conv {shape} {what}'
   if re.search(r'/norm[\w]*/', op_name) or '/bn/' in op_name:
     return 'batch norm' + (' backward' if back else '')
@@ -108,8 +108,17 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument('--case', default='train256')
   p.add_argument('--iters', type=int, default=3)
+  p.add_argument('--config', default=None,
+                 help='A training config file (e.g. configs/demo.py): '
+                      'profile its train step instead of --case.')
   args = p.parse_args()
-  fn, call_args, advance = vs_model_garden.ours_program(args.case)
+  if args.config:
+    from spinenet_jax import draw  # pylint: disable=g-import-not-at-top
+    config = draw.load_config(args.config)
+    args.case = os.path.basename(args.config)
+    fn, call_args, advance = vs_model_garden.config_program('train', config)
+  else:
+    fn, call_args, advance = vs_model_garden.ours_program(args.case)
   compiled = fn.lower(*call_args).compile()
   instrs, comps = _parse(compiled.as_text())
   for _ in range(2):  # warm up

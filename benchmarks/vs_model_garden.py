@@ -54,16 +54,17 @@ def _case(case: str) -> tuple[str, int, int]:
   return kind, size, (2 if kind == 'train' else 1)
 
 
-def _ground_truth(batch: int, size: int, num: int = 8):
-  """Fixed random boxes (yxyx pixels) and classes, padded to 100."""
+def _ground_truth(batch: int, size: int, num: int = 8,
+                  num_classes: int = NUM_CLASSES, slots: int = 100):
+  """Fixed random boxes (yxyx pixels) and classes, padded to `slots`."""
   rng = np.random.default_rng(0)
-  boxes = np.zeros((batch, 100, 4), np.float32)
-  classes = np.full((batch, 100), -1, np.int32)
+  boxes = np.zeros((batch, slots, 4), np.float32)
+  classes = np.full((batch, slots), -1, np.int32)
   for b in range(batch):
     yx = rng.uniform(0, size * 0.7, (num, 2))
     hw = rng.uniform(size * 0.05, size * 0.3, (num, 2))
     boxes[b, :num] = np.concatenate([yx, np.minimum(yx + hw, size)], axis=1)
-    classes[b, :num] = rng.integers(1, NUM_CLASSES, num)
+    classes[b, :num] = rng.integers(1, num_classes, num)
   return boxes, classes
 
 
@@ -88,11 +89,7 @@ def build_program(kind: str, model_id: str, size: int, batch: int,
   """Our RetinaNet program `kind` ('forward', 'infer', 'train') of
   `model_id`'s COCO recipe at `size` px and global `batch` (data-parallel
   over all devices when training), as (jitted fn, args, advance)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  from spinenet_jax import models, optim, sharding, train_lib  # pylint: disable=g-import-not-at-top
-  from spinenet_jax.detection import postprocess  # pylint: disable=g-import-not-at-top
 
   config = common.coco_recipe(model_id, image_size=size)
   config.dtype = dtype
@@ -101,6 +98,18 @@ def build_program(kind: str, model_id: str, size: int, batch: int,
   config.batch_size = batch
   config.optimizer.ema_decay = 0.0
   config.model.conv_impl = conv_impl
+  return config_program(kind, config)
+
+
+def config_program(kind: str, config):
+  """`build_program` for any training config (its model, image size, global
+  batch, loss and optimizer), on fixed random images and ground truth."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from spinenet_jax import models, optim, sharding, train_lib  # pylint: disable=g-import-not-at-top
+  from spinenet_jax.detection import postprocess  # pylint: disable=g-import-not-at-top
+
+  size, batch = config.data.image_size, config.batch_size
   model = models.build_model(config)
   x = jnp.asarray(_images(batch, size))
   if kind in ('forward', 'infer'):
@@ -118,7 +127,9 @@ def build_program(kind: str, model_id: str, size: int, batch: int,
   mesh = sharding.create_mesh(None)
   schedule = optim.learning_rate_schedule(config.optimizer, batch, 1000)
   tx = optim.create_optimizer(config.optimizer, schedule)
-  boxes, classes = _ground_truth(batch, size)
+  boxes, classes = _ground_truth(
+      batch, size, num_classes=config.model.num_classes,
+      slots=max(config.data.max_instances, 8))
   with jax.set_mesh(mesh):
     state, shardings = train_lib.create_state(model, tx, config, mesh)
     step = train_lib.make_train_step(model, config, tx, schedule, shardings,

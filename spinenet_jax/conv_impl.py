@@ -13,10 +13,19 @@ concatenated on the channel axis and multiplied by the kernel reshaped to
 every convolution on GPU/TPU, keeps XLA's convolution: for narrow or large
 maps im2col is slower and compiles more slowly.
 
+Every matmul of a convolution, 1x1 ones included, has its gradients written
+out (`matmul`): JAX derives the same two matmuls, but the order of its
+kernel-gradient contraction makes XLA:CPU first copy the output gradient of
+every 1x1 convolution to channel-major, a strided transpose that cost more
+than the matmuls themselves (the demo's training step: 315 -> 253 ms, A/B in
+one process). On CPU 'auto' therefore runs 1x1 convolutions as `matmul`;
+elsewhere they stay the einsum JAX differentiates.
+
 The choice is made here and nowhere else: `resolve('auto', ...)` picks by
-backend, map size and width; `config.model.conv_impl` ('auto', 'xla', 'im2col')
-forces one for every kxk convolution. Both give the same results up to float
-rounding (tests/test_conv_impl.py).
+backend, kernel size, map size and width; `config.model.conv_impl` ('auto',
+'xla', 'im2col') forces one for every convolution ('im2col' of a 1x1 kernel
+is `matmul`, 'xla' the einsum JAX differentiates). Both give the same results
+up to float rounding (tests/test_conv_impl.py).
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ def resolve(impl: str, shape: Sequence[int], kernel_size: int) -> str:
     return impl
   if jax.default_backend() != 'cpu':
     return 'xla'
+  if kernel_size == 1:
+    return 'im2col'
   h, w, c = shape[1:]
   tiny = h < kernel_size or w < kernel_size
   wide = h * w <= IM2COL_MAX_PIXELS and c >= IM2COL_MIN_CHANNELS
@@ -66,6 +77,27 @@ def _views(x: jax.Array, k: int, s: int) -> list[jax.Array]:
           for i in range(k) for j in range(k)]
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`x @ kernel` over the last axis of NHWC `x` ([C, D] kernel), with its
+  gradients written out: dx = dy @ kernel^T, dkernel = x^T @ dy summed over
+  batch and pixels (the contraction order XLA:CPU runs without transposes)."""
+  return jnp.einsum('bhwc,cd->bhwd', x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+  return matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(res, dy):
+  x, kernel = res
+  return (jnp.einsum('bhwd,cd->bhwc', dy, kernel),
+          jnp.einsum('bhwc,bhwd->cd', x, dy))
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def conv(x: jax.Array, kernel: jax.Array, strides: int = 1,
          impl: str = 'auto') -> jax.Array:
   """'SAME' convolution of NHWC `x` with an HWIO `kernel` [k, k, C, D]."""
@@ -73,6 +105,6 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int = 1,
     return jax.lax.conv_general_dilated(
         x, kernel, (strides, strides), 'SAME',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  patches = jnp.concatenate(_views(x, kernel.shape[0], strides), axis=-1)
-  return jnp.einsum('bhwk,kd->bhwd', patches,
-                    kernel.reshape(-1, kernel.shape[-1]))
+  with jax.named_scope('im2col'):
+    patches = jnp.concatenate(_views(x, kernel.shape[0], strides), axis=-1)
+    return matmul(patches, kernel.reshape(-1, kernel.shape[-1]))

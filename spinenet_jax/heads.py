@@ -42,13 +42,14 @@ class RetinaNetHead(nn.Module):
   # glorot-uniform inits) for the tower convs and both predictors, as Model
   # Garden's `use_separable_conv` (SpineNet-Mobile).
   use_separable_conv: bool = False
-  conv_impl: str = 'auto'  # How the 3x3 convs are lowered (`conv_impl.py`).
+  conv_impl: str = 'auto'  # How the convs are lowered (`conv_impl.py`).
 
   def _conv(self, features: int, kernel_init: Callable, bias_init: Callable,
             name: str) -> nn.Module:
     if self.use_separable_conv:
       return layers.SeparableConv(features, 3, bias_init=bias_init,
-                                  dtype=self.dtype, name=name)
+                                  dtype=self.dtype, impl=self.conv_impl,
+                                  name=name)
     return layers.Conv(features, 3, use_bias=True, kernel_init=kernel_init,
                        bias_init=bias_init, dtype=self.dtype,
                        impl=self.conv_impl, name=name)

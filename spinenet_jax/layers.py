@@ -59,13 +59,15 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def pointwise(x: jax.Array, kernel: jax.Array,
+              impl: str = 'auto') -> jax.Array:
   """A 1x1 convolution of NHWC `x` (or a `[B, C]` vector) with `[C, D]`.
 
   A matmul over channels (several times faster than XLA:CPU's convolution;
   benchmarks/README.md), except on a 1x1 map, where it is XLA's convolution
   (the same numbers): TFLite's converter turns a matmul of a 1x1 map into a
-  rank-4 batch matmul that it then rejects.
+  rank-4 batch matmul that it then rejects. `impl` picks how its gradient is
+  computed (`conv_impl.resolve`: on CPU `conv_impl.matmul`'s).
   """
   if x.ndim == 2:
     return x @ kernel
@@ -73,6 +75,8 @@ def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel[None, None], (1, 1), 'VALID',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if conv_impl.resolve(impl, x.shape, 1) == 'im2col':
+    return conv_impl.matmul(x, kernel)
   return jnp.einsum('bhwc,cd->bhwd', x, kernel)
 
 
@@ -81,8 +85,9 @@ class Conv(nn.Module):
 
   1x1 convolutions run as a matmul over channels: on XLA:CPU that is several
   times faster than `conv_general_dilated` (benchmarks/README.md) and the same
-  on TPU/GPU. `impl` lowers kxk convolutions (`conv_impl.conv`: 'auto' runs
-  small feature maps as im2col matmuls on CPU).
+  on TPU/GPU. `impl` lowers the convolutions (`conv_impl.py`: on CPU 'auto'
+  gives 1x1 ones written-out gradients and runs small feature maps as im2col
+  matmuls).
   """
   features: int
   kernel_size: int = 1
@@ -102,7 +107,7 @@ class Conv(nn.Module):
     if k == 1:
       if s > 1:  # TF 'SAME' with a 1x1 kernel pads nothing: plain subsampling.
         x = x[:, ::s, ::s, :]
-      y = pointwise(x, kernel[0, 0])
+      y = pointwise(x, kernel[0, 0], self.impl)
     else:
       y = conv_impl.conv(x, kernel, s, self.impl)
     if self.use_bias:
@@ -347,6 +352,7 @@ class SeparableConv(nn.Module):
   pointwise_init: Callable = separable_pointwise_init
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
+  impl: str = 'auto'  # The pointwise conv's gradient (`pointwise`).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -356,7 +362,7 @@ class SeparableConv(nn.Module):
     pw = self.param('pointwise_kernel', self.pointwise_init,
                     (1, 1, c, self.features), jnp.float32)
     y = _depthwise(x.astype(self.dtype), dw.astype(self.dtype), self.strides)
-    y = pointwise(y, pw[0, 0].astype(self.dtype))
+    y = pointwise(y, pw[0, 0].astype(self.dtype), self.impl)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)

@@ -1,4 +1,4 @@
-"""kxk convolution lowerings (spinenet_jax/conv_impl.py) agree with XLA's."""
+"""Convolution lowerings (spinenet_jax/conv_impl.py) agree with XLA's."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 
 import spinenet_jax as snj
 from spinenet_jax import conv_impl
+from spinenet_jax import layers
 from spinenet_jax import models
 from tests import tiny
 
@@ -43,8 +44,40 @@ def test_im2col_matches_xla(batch, h, w, cin, cout, k, s):
     assert _rel(g, g_ref) < 1e-4
 
 
+@pytest.mark.parametrize('shape,cout', [((2, 8, 8, 16), 64), ((1, 5, 3, 64), 16),
+                                        ((3, 4, 4, 7), 5)])
+def test_matmul_gradients_match_jax_derived(shape, cout):
+  """`conv_impl.matmul`'s written-out gradients are the einsum's."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), (shape[-1], cout))
+  ct = jax.random.normal(jax.random.key(2), shape[:3] + (cout,))
+
+  def run(fn):
+    y, vjp = jax.vjp(fn, x, kernel)
+    return y, vjp(ct)
+  y, grads = jax.jit(lambda: run(conv_impl.matmul))()
+  y_ref, grads_ref = jax.jit(lambda: run(
+      lambda x, k: jnp.einsum('bhwc,cd->bhwd', x, k)))()
+  assert _rel(y, y_ref) < 1e-6
+  for g, g_ref in zip(grads, grads_ref):
+    assert g.shape == g_ref.shape
+    assert _rel(g, g_ref) < 1e-5
+
+
+def test_pointwise_auto_runs_matmul_on_cpu():
+  """1x1 convolutions take the written-out gradients on CPU, and 'xla'
+  keeps the einsum JAX differentiates (visible in the jaxpr)."""
+  x, kernel = jnp.ones((2, 4, 4, 8)), jnp.ones((8, 3))
+  jaxpr = lambda impl: str(jax.make_jaxpr(jax.grad(
+      lambda k: layers.pointwise(x, k, impl).sum()))(kernel))
+  assert 'custom_vjp' in jaxpr('auto') and 'custom_vjp' in jaxpr('im2col')
+  assert 'custom_vjp' not in jaxpr('xla')
+
+
 def test_auto_picks_by_backend_size_and_width():
   assert jax.default_backend() == 'cpu'
+  assert conv_impl.resolve('auto', (2, 64, 64, 16), 1) == 'im2col'  # 1x1
+  assert conv_impl.resolve('xla', (2, 64, 64, 16), 1) == 'xla'
   assert conv_impl.resolve('auto', (2, 2, 2, 16), 3) == 'im2col'  # tiny map
   assert conv_impl.resolve('auto', (2, 16, 16, 256), 3) == 'im2col'  # wide
   assert conv_impl.resolve('auto', (2, 16, 16, 128), 3) == 'xla'
@@ -60,18 +93,22 @@ def test_unknown_conv_impl_is_a_config_error():
     models.build_model(config)
 
 
-def test_model_outputs_and_gradients_agree_across_lowerings():
-  """Every kxk conv as im2col vs every one as XLA's, on the tiny network
-  (7x7/2 stem, 3x3 bottleneck and residual convs, 3x3/2 resampling, head).
+@pytest.mark.parametrize('model_id,specs', [
+    ('49', tiny.TINY_SPECS), ('49_mobile', tiny.TINY_MOBILE_SPECS)])
+def test_model_outputs_and_gradients_agree_across_lowerings(model_id, specs):
+  """Every conv as a matmul (im2col, 1x1 gradients written out) vs every one
+  as XLA derives it, on the tiny networks (SpineNet: 7x7/2 stem, 1x1 and 3x3
+  bottleneck and residual convs, resampling, head; SpineNet-Mobile: MBConv
+  expansions and projections, squeeze-excitation, separable head).
 
   Batch norm uses its moving statistics: with batch statistics, levels 6
   and 7 of a 2-image 128-pixel batch normalise over 8 and 2 values, which
   amplifies float rounding of any lowering (measured 1.5e-3 there, 3e-6 on
   the other levels; 6e-7 everywhere in inference mode).
   """
-  kw = dict(model_id='49', num_classes=5, filter_size_scale=0.125,
+  kw = dict(model_id=model_id, num_classes=5, filter_size_scale=0.125,
             endpoints_num_filters=16, head_num_convs=1, head_num_filters=16,
-            block_specs=tiny.TINY_SPECS)
+            block_specs=specs)
   x = jax.random.normal(jax.random.key(1), (2, 128, 128, 3))
   xla = snj.RetinaNet(conv_impl='xla', **kw)
   variables = jax.jit(lambda x: xla.init(jax.random.key(0), x))(x)
