@@ -98,15 +98,26 @@ def retinanet_loss(outputs: Mapping[str, Mapping[Any, Array]],
     `(total, {'cls_loss', 'box_loss', 'num_positives'})`, where
     `num_positives` is the normaliser `sum(box_weights) + 1`.
   """
-  cls, box = flatten_outputs(outputs)
-  if cls.shape[:2] != targets['cls_targets'].shape:
-    raise ValueError(f'outputs give {cls.shape[:2]} [batch, anchors] but '
+  # Level by level against the matching slice of the targets, not on the
+  # levels concatenated: with the image height sharded over the `model` mesh
+  # axis each level's anchors are split over the devices in their own blocks,
+  # and concatenating them made XLA re-shard every level with all-to-alls.
+  cls, box = outputs_lib.flatten_levels(outputs['cls_outputs'],
+                                        outputs['box_outputs'])
+  shape = (cls[0].shape[0], sum(c.shape[1] for c in cls))
+  if shape != targets['cls_targets'].shape:
+    raise ValueError(f'outputs give {shape} [batch, anchors] but '
                      f'cls_targets has shape {targets["cls_targets"].shape}')
   num_positives = jnp.sum(targets['box_weights'].astype(jnp.float32)) + 1.0
-  cls_l = focal_loss(cls, targets['cls_targets'], targets['cls_weights'],
-                     num_positives, alpha, gamma)
-  box_l = box_loss(box, targets['box_targets'], targets['box_weights'],
-                   num_positives, delta)
+  cls_l = box_l = jnp.zeros((), jnp.float32)
+  start = 0
+  for c, b in zip(cls, box):
+    t = {k: v[:, start:start + c.shape[1]] for k, v in targets.items()}
+    start += c.shape[1]
+    cls_l += focal_loss(c, t['cls_targets'], t['cls_weights'], num_positives,
+                        alpha, gamma)
+    box_l += box_loss(b, t['box_targets'], t['box_weights'], num_positives,
+                      delta)
   total = cls_l + box_loss_weight * box_l
   return total, {'cls_loss': cls_l, 'box_loss': box_l,
                  'num_positives': num_positives}
