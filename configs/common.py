@@ -75,8 +75,9 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       model_id='49', activation='swish', stochastic_depth_rate=0.0,
       bn_momentum=0.99, bn_epsilon=1e-3,
-      # How kxk convolutions are lowered: 'auto' (im2col matmuls for small
-      # feature maps on CPU), 'xla' or 'im2col' (spinenet_jax/conv_impl.py).
+      # How convolutions are lowered: 'auto' (on CPU: 1x1 gradients written
+      # out, im2col matmuls for small feature maps), 'xla' or 'im2col'
+      # (spinenet_jax/conv_impl.py).
       conv_impl='auto',
       # Rematerialisation: 'none', 'blocks' (each block recomputed in the
       # backward pass: less memory, about a third more compute) or 'full'
