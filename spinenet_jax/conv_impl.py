@@ -98,6 +98,15 @@ def _matmul_bwd(res, dy):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def conv1x1(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.Array:
+  """1x1 convolution of NHWC `x` with a [C, D] `kernel`, a matmul over
+  channels: `matmul` (gradients written out) or, for 'xla', the einsum JAX
+  differentiates."""
+  if resolve(impl, x.shape, 1) == 'xla':
+    return jnp.einsum('bhwc,cd->bhwd', x, kernel)
+  return matmul(x, kernel)
+
+
 def conv(x: jax.Array, kernel: jax.Array, strides: int = 1,
          impl: str = 'auto') -> jax.Array:
   """'SAME' convolution of NHWC `x` with an HWIO `kernel` [k, k, C, D]."""

@@ -67,7 +67,7 @@ def pointwise(x: jax.Array, kernel: jax.Array,
   benchmarks/README.md), except on a 1x1 map, where it is XLA's convolution
   (the same numbers): TFLite's converter turns a matmul of a 1x1 map into a
   rank-4 batch matmul that it then rejects. `impl` picks how its gradient is
-  computed (`conv_impl.resolve`: on CPU `conv_impl.matmul`'s).
+  computed (`conv_impl.conv1x1`: on CPU `conv_impl.matmul`'s).
   """
   if x.ndim == 2:
     return x @ kernel
@@ -75,9 +75,7 @@ def pointwise(x: jax.Array, kernel: jax.Array,
     return jax.lax.conv_general_dilated(
         x, kernel[None, None], (1, 1), 'VALID',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  if conv_impl.resolve(impl, x.shape, 1) == 'im2col':
-    return conv_impl.matmul(x, kernel)
-  return jnp.einsum('bhwc,cd->bhwd', x, kernel)
+  return conv_impl.conv1x1(x, kernel, impl)
 
 
 class Conv(nn.Module):
