@@ -18,8 +18,37 @@ import jax.numpy as jnp
 
 from spinenet_jax import layers
 from spinenet_jax import resample
+from spinenet_jax import sharding_utils
 
 CLASS_PRIOR = 0.01
+
+
+def _each_level(conv: nn.Module, xs: list[jax.Array]) -> list[jax.Array]:
+  return [conv(x) for x in xs]
+
+
+def _shared_over_levels(conv: nn.Module,
+                        xs: list[jax.Array]) -> list[jax.Array]:
+  """`conv` applied to every level, its parameter gradients summed over the
+  levels on each device before the one reduction over the batch
+  (`sharding_utils.summed_param_grads`): a data-parallel step then reduces
+  the head's weights once, not once per level."""
+  pure = conv.clone(parent=None)
+
+  def apply(params, x):
+    return pure.apply({'params': params}, x)
+
+  def forward(mdl, xs):
+    return _each_level(mdl, xs), (mdl.variables['params'], xs)
+
+  def backward(residuals, dys):
+    params, xs = residuals
+    dxs = [jax.vjp(lambda x: apply(params, x), x)[1](dy)[0]
+           for x, dy in zip(xs, dys)]
+    grads = sharding_utils.summed_param_grads(apply, params, xs, dys)
+    return {'params': grads}, dxs
+
+  return nn.custom_vjp(_each_level, forward, backward)(conv, xs)
 
 
 class RetinaNetHead(nn.Module):
@@ -62,14 +91,17 @@ class RetinaNetHead(nn.Module):
     predictor = self._conv(out, nn.initializers.normal(1e-5), bias_init,
                            f'{name}_predict')
     act = layers.get_activation(self.activation)
-    outputs = {}
-    for level, x in feats.items():
-      for i, conv in enumerate(convs):
-        x = layers.BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype,
-                             name=f'{name}_norm{level}_{i}')(conv(x), train)
-        x = act(x)
-      outputs[level] = predictor(x).astype(jnp.float32)
-    return outputs
+    # Training applies each shared conv to all levels at once, for its
+    # gradient reduction; the arithmetic is the same as level by level.
+    each = _shared_over_levels if train else _each_level
+    levels, xs = list(feats), list(feats.values())
+    for i, conv in enumerate(convs):
+      xs = [act(layers.BatchNorm(self.bn_momentum, self.bn_epsilon,
+                                 self.dtype, name=f'{name}_norm{level}_{i}')(
+                                     y, train))
+            for level, y in zip(levels, each(conv, xs))]
+    return {level: y.astype(jnp.float32)
+            for level, y in zip(levels, each(predictor, xs))}
 
   @nn.compact
   def __call__(self, feats: dict[int, jax.Array],

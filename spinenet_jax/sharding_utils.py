@@ -10,8 +10,10 @@ batch sharding through reshapes inside jitted code.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 
@@ -62,3 +64,48 @@ def split_batch(x: jax.Array, n: int) -> jax.Array:
 def merge_batch(x: jax.Array) -> jax.Array:
   """Inverse of `split_batch`: `[n, b, ...]` -> `[n * b, ...]`."""
   return reshape_keep_batch(x, (x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _data_shards(xs: Sequence[jax.Array]) -> int:
+  """Size of the current mesh's 'data' axis when the mesh (`jax.set_mesh`) is
+  purely data-parallel and every `xs` batch divides over it; else 1."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or 'data' not in mesh.axis_names:
+    return 1
+  n = mesh.shape['data']
+  if any(size > 1 for name, size in mesh.shape.items() if name != 'data'):
+    return 1
+  return n if all(x.shape[0] % n == 0 for x in xs) else 1
+
+
+def summed_param_grads(fn: Callable[[Any, jax.Array], jax.Array], params: Any,
+                       xs: Sequence[jax.Array],
+                       dys: Sequence[jax.Array]) -> Any:
+  """Gradient of `sum_l <fn(params, xs[l]), dys[l]>` with respect to
+  `params`: one weight applied to several inputs (the RetinaNet head's convs,
+  shared across levels).
+
+  Under a data-parallel mesh each device sums its own partial gradients over
+  the inputs first and the sum is reduced over 'data' once. Left to the SPMD
+  partitioner, each input's partial gradient is all-reduced on its own (XLA:CPU
+  does not reassociate `all-reduce(a) + all-reduce(b)`), moving the shared
+  weight's bytes once per input. Elsewhere (no mesh, or spatial partitioning
+  over 'model') the gradients are summed as JAX would.
+  """
+  def local(params, xs, dys):
+    total = None
+    for x, dy in zip(xs, dys):
+      grad = jax.vjp(lambda p, x=x: fn(p, x), params)[1](dy)[0]
+      total = grad if total is None else jax.tree.map(jnp.add, total, grad)
+    return total
+
+  if _data_shards(xs) == 1:
+    return local(params, xs, dys)
+
+  def per_device(params, xs, dys):
+    varying = jax.tree.map(lambda a: jax.lax.pcast(a, 'data', to='varying'),
+                           params)
+    return jax.tree.map(lambda g: jax.lax.psum(g, 'data'),
+                        local(varying, xs, dys))
+  return jax.shard_map(per_device, in_specs=(P(), P('data'), P('data')),
+                       out_specs=P())(params, list(xs), list(dys))

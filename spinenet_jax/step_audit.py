@@ -195,17 +195,16 @@ def summarize(found: list[Collective]) -> dict[str, tuple[int, int]]:
 
 def audit_data_parallel(found: list[Collective], params: Any,
                         batch_stats: Any,
-                        slack_bytes: int = 64 * 1024) -> list[str]:
+                        slack_bytes: int = 4 * 1024) -> list[str]:
   """Problems of a data-parallel step's collectives (empty: as expected).
 
   Expected: all-reduces only, of the gradients (4 bytes x parameters) plus
   the batch-norm reductions over the global batch (the forward pass's mean
   and mean of squares, the backward pass's two sums: at most twice the
-  bytes of `batch_stats`), plus `slack_bytes` for loss terms, metrics and
-  partial sums that XLA reduces separately (a weight shared across levels,
-  as the RetinaNet head's, can be reduced once per level on CPU). Anything
-  else (an all-gather of a mis-sharded weight, a collective-permute of a
-  halo) is named.
+  bytes of `batch_stats`), plus `slack_bytes` for the loss terms and
+  metrics. A weight reduced more than once (the RetinaNet head's convs,
+  shared across levels, once per level) or anything else (an all-gather of
+  a mis-sharded weight, a collective-permute of a halo) is named.
   """
   problems = [f'unexpected {c}' for c in found if c.op != 'all-reduce']
   total = sum(c.bytes for c in found if c.op == 'all-reduce')

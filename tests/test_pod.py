@@ -19,6 +19,7 @@ from spinenet_jax import config_checks
 from spinenet_jax import models
 from spinenet_jax import optim
 from spinenet_jax import sharding
+from spinenet_jax import sharding_utils
 from spinenet_jax import step_audit
 from spinenet_jax import train_lib
 from tests.tiny import load_config
@@ -184,6 +185,33 @@ def test_data_parallel_step_reduces_gradients_and_bn_statistics_only():
   assert step_audit.audit_data_parallel(found, shapes['params'],
                                         shapes['batch_stats']) == []
   assert _step_collectives(_config(), 256) == found  # Not with image size.
+
+
+def test_a_weight_shared_across_levels_is_reduced_once():
+  """`summed_param_grads` under a data-parallel mesh: JAX's gradient, with
+  one all-reduce of the kernel's bytes instead of one per level."""
+  def conv(params, x):
+    return jax.lax.conv_general_dilated(
+        x, params['kernel'], (1, 1), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  keys = jax.random.split(jax.random.key(0), 7)
+  params = {'kernel': jax.random.normal(keys[0], (3, 3, 4, 8))}
+  xs = [jax.random.normal(k, (8, s, s, 4)) for k, s in zip(keys[1:], (8, 4, 2))]
+  dys = [jax.random.normal(k, (8, s, s, 8)) for k, s in zip(keys[4:], (8, 4, 2))]
+  want = jax.jit(jax.grad(lambda p: sum(jnp.vdot(conv(p, x), dy)
+                                        for x, dy in zip(xs, dys))))(params)
+  mesh = sharding.create_mesh()
+  with jax.set_mesh(mesh):
+    fn = jax.jit(lambda p, xs, dys: sharding_utils.summed_param_grads(
+        conv, p, xs, dys), in_shardings=(sharding.replicated(mesh),
+                                         sharding.batch_sharding(mesh),
+                                         sharding.batch_sharding(mesh)))
+    compiled = fn.lower(params, xs, dys).compile()
+    got = compiled(params, xs, dys)
+  np.testing.assert_allclose(got['kernel'], want['kernel'], rtol=1e-5,
+                             atol=1e-5)
+  assert step_audit.summarize(step_audit.collectives(compiled)) == {
+      'all-reduce': (1, 4 * 3 * 3 * 4 * 8)}
 
 
 def test_audit_fails_a_mis_sharded_step():
