@@ -67,14 +67,12 @@ def merge_batch(x: jax.Array) -> jax.Array:
 
 
 def _data_shards(xs: Sequence[jax.Array]) -> int:
-  """Size of the current mesh's 'data' axis when the mesh (`jax.set_mesh`) is
-  purely data-parallel and every `xs` batch divides over it; else 1."""
+  """Size of the current mesh's 'data' axis (`jax.set_mesh`) when every `xs`
+  batch divides over it; else 1."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or 'data' not in mesh.axis_names:
     return 1
   n = mesh.shape['data']
-  if any(size > 1 for name, size in mesh.shape.items() if name != 'data'):
-    return 1
   return n if all(x.shape[0] % n == 0 for x in xs) else 1
 
 
@@ -85,12 +83,13 @@ def summed_param_grads(fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   `params`: one weight applied to several inputs (the RetinaNet head's convs,
   shared across levels).
 
-  Under a data-parallel mesh each device sums its own partial gradients over
-  the inputs first and the sum is reduced over 'data' once. Left to the SPMD
-  partitioner, each input's partial gradient is all-reduced on its own (XLA:CPU
-  does not reassociate `all-reduce(a) + all-reduce(b)`), moving the shared
-  weight's bytes once per input. Elsewhere (no mesh, or spatial partitioning
-  over 'model') the gradients are summed as JAX would.
+  Under a mesh with a 'data' axis each data shard sums its own partial
+  gradients over the inputs first and the sum is reduced over 'data' once
+  (other axes, such as 'model' for spatial partitioning, stay with the SPMD
+  partitioner). Left to the partitioner, each input's partial gradient is
+  all-reduced on its own (XLA:CPU does not reassociate
+  `all-reduce(a) + all-reduce(b)`), moving the shared weight's bytes once
+  per input. Without a mesh the gradients are summed as JAX would.
   """
   def local(params, xs, dys):
     total = None
@@ -102,10 +101,11 @@ def summed_param_grads(fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   if _data_shards(xs) == 1:
     return local(params, xs, dys)
 
-  def per_device(params, xs, dys):
+  def per_shard(params, xs, dys):
     varying = jax.tree.map(lambda a: jax.lax.pcast(a, 'data', to='varying'),
                            params)
     return jax.tree.map(lambda g: jax.lax.psum(g, 'data'),
                         local(varying, xs, dys))
-  return jax.shard_map(per_device, in_specs=(P(), P('data'), P('data')),
-                       out_specs=P())(params, list(xs), list(dys))
+  return jax.shard_map(per_shard, in_specs=(P(), P('data'), P('data')),
+                       out_specs=P(), axis_names={'data'})(
+                           params, list(xs), list(dys))
