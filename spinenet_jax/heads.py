@@ -91,10 +91,11 @@ class RetinaNetHead(nn.Module):
     predictor = self._conv(out, nn.initializers.normal(1e-5), bias_init,
                            f'{name}_predict')
     act = layers.get_activation(self.activation)
-    # Training applies each shared conv to all levels at once, for its
-    # gradient reduction; the arithmetic is the same as level by level.
-    each = _shared_over_levels if train else _each_level
     levels, xs = list(feats), list(feats.values())
+    # Training over a 'data' axis applies each shared conv to all levels at
+    # once, for its gradient reduction; the forward arithmetic is the same.
+    each = (_shared_over_levels
+            if train and sharding_utils.data_shards(xs) > 1 else _each_level)
     for i, conv in enumerate(convs):
       xs = [act(layers.BatchNorm(self.bn_momentum, self.bn_epsilon,
                                  self.dtype, name=f'{name}_norm{level}_{i}')(

@@ -66,7 +66,7 @@ def merge_batch(x: jax.Array) -> jax.Array:
   return reshape_keep_batch(x, (x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _data_shards(xs: Sequence[jax.Array]) -> int:
+def data_shards(xs: Sequence[jax.Array]) -> int:
   """Size of the current mesh's 'data' axis (`jax.set_mesh`) when every `xs`
   batch divides over it; else 1."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -98,7 +98,7 @@ def summed_param_grads(fn: Callable[[Any, jax.Array], jax.Array], params: Any,
       total = grad if total is None else jax.tree.map(jnp.add, total, grad)
     return total
 
-  if _data_shards(xs) == 1:
+  if data_shards(xs) == 1:
     return local(params, xs, dys)
 
   def per_shard(params, xs, dys):
