@@ -2,6 +2,7 @@
 
   python benchmarks/pod_memory.py [--cases=49@640:2:none:1,...] [--devices=8]
   python benchmarks/pod_memory.py --halo=49@512x512:2,49@512x1024:2,...
+  python benchmarks/pod_memory.py --fit=rows1.md,rows2.md
 
 Each case is MODEL@SIZE:PER_DEVICE_BATCH:REMAT:MESH_MODEL[:CONV_IMPL]
 (`auto` by default: im2col for small maps on CPU); the COCO recipe's
@@ -16,13 +17,22 @@ backward (`step_audit.lower_model_gradient`; the train step takes square
 images only) at one image per data shard, with XLA's convolutions (as on
 GPU/TPU), with its collectives by op, to show what grows with the height
 and what with the width.
+
+`--fit` reads the Markdown rows printed by earlier runs and prints, for each
+model, remat and model axis, the largest per-device batch whose total fits
+16 and 32 GiB: measured where a measured batch is the answer, otherwise
+extrapolated from the least-squares line through the measured batches
+(temporaries are linear in the batch; arguments and outputs barely move).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import time
+
+import numpy as np
 
 DEFAULT_CASES = ','.join([
     '49@640:2:none:1', '49@640:2:blocks:1',
@@ -38,7 +48,11 @@ def main() -> None:
   parser.add_argument('--devices', type=int, default=8)
   parser.add_argument('--dtype', default='bfloat16')
   parser.add_argument('--halo', default='')
+  parser.add_argument('--fit', default='')
   args = parser.parse_args()
+  if args.fit:
+    fit(args.fit.split(','))
+    return
 
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', args.devices)
@@ -59,8 +73,14 @@ def main() -> None:
     name, batch, remat, k, *impl = case.split(':')
     model_id, size = name.split('@')
     start = time.perf_counter()
-    report = summary.memory_report(model_id, int(size), int(batch),
-                                   args.dtype, remat, int(k), *impl)
+    try:
+      report = summary.memory_report(model_id, int(size), int(batch),
+                                     args.dtype, remat, int(k), *impl)
+    except Exception as e:  # pylint: disable=broad-except
+      # One case failing (out of host memory, say) should not cost the rest.
+      print(f'| {name} | {batch} | {remat} | {k} | failed: '
+            f'{type(e).__name__}: {str(e)[:200]} |', flush=True)
+      continue
     seconds = time.perf_counter() - start
     if impl:
       remat += f', {impl[0]} convs'
@@ -102,6 +122,42 @@ def halo(args: argparse.Namespace) -> None:
                                  'all-to-all', 'all-reduce')]
     print(f'| {model_id} | {height} x {width} | {k} | {" | ".join(cells)} | '
           f'{seconds:.0f} |', flush=True)
+
+
+def _largest_batch(points: list[tuple[int, float]], limit: float) -> str:
+  """Largest batch whose total is <= `limit` GiB: 'N' when measurements
+  bracket it exactly, '~N' when read off the fitted line."""
+  batches, totals = np.array(points, float).T
+  slope, base = (np.polyfit(batches, totals, 1) if len(points) > 1
+                 else (totals[0] / batches[0], 0.0))
+  low = max((b for b, t in points if t <= limit), default=0)
+  high = min((b for b, t in points if t > limit), default=None)
+  estimate = int((limit - base) // slope) if slope > 0 else low
+  estimate = max(low, estimate if high is None else min(estimate, high - 1))
+  exact = estimate == low and (high is None or high == low + 1 or low == 0
+                               and high == 1)
+  return str(estimate) if exact else f'~{estimate}'
+
+
+def fit(paths: list[str]) -> None:
+  """The 16 / 32 GiB table from the rows in `paths`."""
+  groups = collections.defaultdict(list)
+  for path in paths:
+    for line in open(path):
+      cells = [c.strip() for c in line.strip().strip('|').split('|')]
+      if len(cells) != 10 or not cells[1].isdigit():
+        continue
+      groups[cells[0], cells[2], cells[3]].append((int(cells[1]),
+                                                   float(cells[6])))
+  print('| model@size | remat | model axis | measured batches | fits 16 GiB '
+        '| fits 32 GiB |')
+  print('|---|---|---|---|---|---|')
+  for (name, remat, k), points in sorted(
+      groups.items(), key=lambda g: (int(g[0][0].split('@')[0]), g[0][1:])):
+    points = sorted(points)
+    print(f'| {name} | {remat} | {k} | '
+          f'{" / ".join(str(b) for b, _ in points)} | '
+          f'{_largest_batch(points, 16)} | {_largest_batch(points, 32)} |')
 
 
 if __name__ == '__main__':
