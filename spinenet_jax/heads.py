@@ -29,10 +29,10 @@ def _each_level(conv: nn.Module, xs: list[jax.Array]) -> list[jax.Array]:
 
 def _shared_over_levels(conv: nn.Module,
                         xs: list[jax.Array]) -> list[jax.Array]:
-  """`conv` applied to every level, its parameter gradients summed over the
-  levels on each device before the one reduction over the batch
-  (`sharding_utils.summed_param_grads`): a data-parallel step then reduces
-  the head's weights once, not once per level."""
+  """`conv` (a stride-1 'SAME' convolution) applied to every level, its
+  parameter gradients summed over the levels on each device before the one
+  reduction over the mesh (`sharding_utils.summed_param_grads`): a sharded
+  step then reduces the head's weights once, not once per level."""
   pure = conv.clone(parent=None)
 
   def apply(params, x):
@@ -45,7 +45,8 @@ def _shared_over_levels(conv: nn.Module,
     params, xs = residuals
     dxs = [jax.vjp(lambda x: apply(params, x), x)[1](dy)[0]
            for x, dy in zip(xs, dys)]
-    grads = sharding_utils.summed_param_grads(apply, params, xs, dys)
+    grads = sharding_utils.summed_param_grads(apply, params, xs, dys,
+                                              halo=conv.kernel_size // 2)
     return {'params': grads}, dxs
 
   return nn.custom_vjp(_each_level, forward, backward)(conv, xs)
@@ -92,10 +93,11 @@ class RetinaNetHead(nn.Module):
                            f'{name}_predict')
     act = layers.get_activation(self.activation)
     levels, xs = list(feats), list(feats.values())
-    # Training over a 'data' axis applies each shared conv to all levels at
-    # once, for its gradient reduction; the forward arithmetic is the same.
-    each = (_shared_over_levels
-            if train and sharding_utils.data_shards(xs) > 1 else _each_level)
+    # Training over a mesh applies each shared conv to all levels at once,
+    # for its gradient reduction; the forward arithmetic is the same.
+    sharded = (sharding_utils.data_shards(xs) > 1 or
+               sharding_utils.model_shards(xs, 1) > 1)
+    each = _shared_over_levels if train and sharded else _each_level
     for i, conv in enumerate(convs):
       xs = [act(layers.BatchNorm(self.bn_momentum, self.bn_epsilon,
                                  self.dtype, name=f'{name}_norm{level}_{i}')(

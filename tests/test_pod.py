@@ -12,6 +12,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -187,31 +188,42 @@ def test_data_parallel_step_reduces_gradients_and_bn_statistics_only():
   assert _step_collectives(_config(), 256) == found  # Not with image size.
 
 
-def test_a_weight_shared_across_levels_is_reduced_once():
-  """`summed_param_grads` under a data-parallel mesh: JAX's gradient, with
-  one all-reduce of the kernel's bytes instead of one per level."""
+@pytest.mark.parametrize('model', [1, 2, 4])
+def test_a_weight_shared_across_levels_is_reduced_once(model):
+  """`summed_param_grads` under a data-parallel or spatially partitioned
+  mesh: JAX's gradient, with one all-reduce of the kernel's bytes instead of
+  one per level (and axis); with the height split, the halo rows are the
+  only other traffic."""
   def conv(params, x):
     return jax.lax.conv_general_dilated(
         x, params['kernel'], (1, 1), 'SAME',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   keys = jax.random.split(jax.random.key(0), 7)
   params = {'kernel': jax.random.normal(keys[0], (3, 3, 4, 8))}
-  xs = [jax.random.normal(k, (8, s, s, 4)) for k, s in zip(keys[1:], (8, 4, 2))]
-  dys = [jax.random.normal(k, (8, s, s, 8)) for k, s in zip(keys[4:], (8, 4, 2))]
+  sizes = (16, 8, 4)
+  xs = [jax.random.normal(k, (8, s, s, 4)) for k, s in zip(keys[1:], sizes)]
+  dys = [jax.random.normal(k, (8, s, s, 8)) for k, s in zip(keys[4:], sizes)]
   want = jax.jit(jax.grad(lambda p: sum(jnp.vdot(conv(p, x), dy)
                                         for x, dy in zip(xs, dys))))(params)
-  mesh = sharding.create_mesh()
+  mesh = sharding.create_mesh(
+      ml_collections.ConfigDict({'data': -1, 'model': model}))
+  images = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data', 'model'))
   with jax.set_mesh(mesh):
     fn = jax.jit(lambda p, xs, dys: sharding_utils.summed_param_grads(
-        conv, p, xs, dys), in_shardings=(sharding.replicated(mesh),
-                                         sharding.batch_sharding(mesh),
-                                         sharding.batch_sharding(mesh)))
+        conv, p, xs, dys, halo=1), in_shardings=(sharding.replicated(mesh),
+                                                 images, images))
     compiled = fn.lower(params, xs, dys).compile()
     got = compiled(params, xs, dys)
+  scale = float(jnp.abs(want['kernel']).max())
   np.testing.assert_allclose(got['kernel'], want['kernel'], rtol=1e-5,
-                             atol=1e-5)
-  assert step_audit.summarize(step_audit.collectives(compiled)) == {
-      'all-reduce': (1, 4 * 3 * 3 * 4 * 8)}
+                             atol=1e-5 * scale)
+  found = step_audit.summarize(step_audit.collectives(compiled))
+  assert found.pop('all-reduce') == (1, 4 * 3 * 3 * 4 * 8)
+  if model > 1:  # One row of the device's `model` images from each side.
+    row_bytes = sum(model * s * 4 * 4 for s in sizes)
+    assert found.pop('collective-permute') == (2 * len(sizes), 2 * row_bytes)
+  assert found == {}
 
 
 def test_audit_fails_a_mis_sharded_step():
