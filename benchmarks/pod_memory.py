@@ -9,6 +9,10 @@ Each case is MODEL@SIZE:PER_DEVICE_BATCH:REMAT:MESH_MODEL[:CONV_IMPL]
 train step (bfloat16 unless --dtype) is lowered on abstract inputs over
 --devices simulated CPU devices and compiled, and XLA's memory analysis and
 the partitioned HLO's collectives are printed as one Markdown row per case.
+"folded MB" is the all-reduce bytes once nested pairs are folded into one
+(`step_audit.fold_nested`: what the GPU compiler's AllReduceFolder does
+after partitioning and XLA:CPU does not; with `model` > 1 each gradient is
+reduced over 'data' and then over 'model').
 CPU compilation of the large models takes minutes per case; memory figures
 do not depend on the machine's load.
 
@@ -66,9 +70,9 @@ def main() -> None:
   gib = 2.0**30
   print(f'{args.devices} CPU devices, {args.dtype}, jax {jax.__version__}')
   print('| model@size | batch/device | remat | model axis | arguments GiB | '
-        'temporaries GiB | total GiB | all-reduce MB | other collectives | '
-        'compile s |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
+        'temporaries GiB | total GiB | all-reduce MB | folded MB | '
+        'other collectives | compile s |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   for case in args.cases.split(','):
     name, batch, remat, k, *impl = case.split(':')
     model_id, size = name.split('@')
@@ -86,11 +90,14 @@ def main() -> None:
       remat += f', {impl[0]} convs'
     m, c = report['memory'], dict(report['collectives'])
     reduce_mb = c.pop('all-reduce', (0, 0))[1] / 1e6
+    folded = report['collectives_folded'].get('all-reduce', (0, 0))
+    folded_mb = folded[1] / 1e6
     other = ', '.join(f'{op} {n} ops {b / 1e6:.1f} MB'
                       for op, (n, b) in sorted(c.items())) or '-'
     print(f'| {name} | {batch} | {remat} | {k} | {m["arguments"] / gib:.2f} '
           f'| {m["temporaries"] / gib:.2f} | {m["total"] / gib:.2f} | '
-          f'{reduce_mb:.1f} | {other} | {seconds:.0f} |', flush=True)
+          f'{reduce_mb:.1f} | {folded_mb:.1f} | {other} | {seconds:.0f} |',
+          flush=True)
 
 
 def halo(args: argparse.Namespace) -> None:
@@ -145,7 +152,7 @@ def fit(paths: list[str]) -> None:
   for path in paths:
     for line in open(path):
       cells = [c.strip() for c in line.strip().strip('|').split('|')]
-      if len(cells) != 10 or not cells[1].isdigit():
+      if len(cells) not in (10, 11) or not cells[1].isdigit():
         continue
       groups[cells[0], cells[2], cells[3]].append((int(cells[1]),
                                                    float(cells[6])))

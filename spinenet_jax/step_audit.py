@@ -7,14 +7,19 @@ run; `memory(compiled)` reads XLA's per-device memory analysis and
 the bytes it moves. `audit_data_parallel` checks a data-parallel step
 against what it must communicate: the gradient all-reduce (4 bytes x
 parameters) plus the batch-norm statistics, and nothing else; nothing in it
-may grow with the image size.
+may grow with the image size. `compile_with_partitioned_hlo` also returns
+the HLO as the SPMD partitioner left it, and `fold_nested` its collectives
+with nested all-reduces folded into one, as the GPU compiler folds them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 import re
+import tempfile
 from typing import Any
 
 import jax
@@ -35,9 +40,13 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2,
 _LINE = re.compile(r'=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\]\S*)\s+'
                    r'(?P<op>' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
 _ARRAY = re.compile(r'\b([a-z]+[0-9]*)\[([0-9,]*)\]')
-_GROUPS = re.compile(r'replica_groups=(\{[^}]*\}\}|mesh\[[^\]]*\] \{[^}]*\}|'
+_GROUPS = re.compile(r'replica_groups=(\{(?:\{[0-9,]*\},?)*\}|'
+                     r'mesh\[[^\]]*\] \{[^}]*\}|'
                      r'\[[^\]]*\][^,]*)')
 _COMMENT = re.compile(r'/\*.*?\*/')
+_DEF = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=(.*)$')
+_ALL_REDUCE = re.compile(r'\ball-reduce\(([^)]*)\)')
+_NAME = re.compile(r'%([\w.\-]+)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +186,58 @@ def collectives(program: jax.stages.Compiled | str) -> list[Collective]:
     found.append(Collective(match.group('op'), shapes, size,
                             groups.group(1) if groups else ''))
   return found
+
+
+def compile_with_partitioned_hlo(lowered: jax.stages.Lowered
+                                 ) -> tuple[jax.stages.Compiled, str]:
+  """Compiles `lowered`; returns the program and its HLO right after SPMD
+  partitioning, before the backend's own passes (from an XLA dump in a
+  temporary directory; the compiled program is the same as without it).
+  The persistent compilation cache is off for this compile: a cached program
+  is not compiled, so nothing would be dumped."""
+  cache = jax.config.jax_enable_compilation_cache
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.config.update('jax_enable_compilation_cache', False)
+    try:
+      compiled = lowered.compile(compiler_options={
+          'xla_dump_to': tmp, 'xla_dump_hlo_pass_re': 'spmd-partitioning'})
+    finally:
+      jax.config.update('jax_enable_compilation_cache', cache)
+    paths = glob.glob(os.path.join(tmp, '*after_spmd-partitioning*.txt'))
+    if not paths:
+      raise RuntimeError('XLA dumped no module after spmd-partitioning; '
+                         'this XLA may name the pass differently.')
+    with open(max(paths, key=os.path.getsize)) as f:
+      return compiled, f.read()
+
+
+def fold_nested(text: str) -> list[Collective]:
+  """The collectives of a partitioned module (`compile_with_partitioned_hlo`)
+  once nested all-reduces are folded, as XLA's `AllReduceFolder` pass
+  (run after partitioning by the GPU compiler, not by XLA:CPU) folds
+  them: an all-reduce whose one operand is another all-reduce, used by it
+  alone, becomes one all-reduce over both groups. Spatial partitioning
+  leaves every kernel gradient and batch-norm sum as such a pair, one over
+  'data' and one over 'model'."""
+  lines = [_COMMENT.sub('', line) for line in text.splitlines()]
+  defs, uses = {}, {}
+  for line in lines:
+    match = _DEF.match(line)
+    if not match:
+      continue
+    defs[match.group(1)] = match.group(2)
+    for name in _NAME.findall(match.group(2).split(', metadata=')[0]):
+      uses[name] = uses.get(name, 0) + 1
+  folded = set()
+  for name, rhs in defs.items():
+    match = _ALL_REDUCE.search(rhs)
+    operands = _NAME.findall(match.group(1)) if match else []
+    if (len(operands) == 1 and uses.get(operands[0]) == 1 and
+        _ALL_REDUCE.search(defs.get(operands[0], ''))):
+      folded.add(name)
+  kept = [line for line in lines
+          if not (_DEF.match(line) and _DEF.match(line).group(1) in folded)]
+  return collectives('\n'.join(kept))
 
 
 def tree_bytes(tree: Any) -> int:

@@ -109,17 +109,22 @@ def memory_report(model_id: str, image_size: int, per_device_batch: int,
                   mesh_model: int = 1, conv_impl: str = 'auto'
                   ) -> dict[str, Any]:
   """Per-device memory (bytes) and collectives of the COCO recipe's
-  compiled train step over all devices, `mesh_model` of them on 'model'."""
+  compiled train step over all devices, `mesh_model` of them on 'model':
+  as XLA:CPU compiles them and with nested all-reduces folded
+  (`step_audit.fold_nested`, what the GPU compiler does)."""
   config = common.coco_recipe(model_id, image_size)
   config.dtype = dtype
   config.model.remat = remat
   config.model.conv_impl = conv_impl
   config.mesh.model = mesh_model
   config.batch_size = per_device_batch * jax.device_count() // mesh_model
-  compiled = step_audit.lower_train_step(config).compile()
+  compiled, partitioned = step_audit.compile_with_partitioned_hlo(
+      step_audit.lower_train_step(config))
   return {'memory': step_audit.memory(compiled),
           'collectives': step_audit.summarize(
-              step_audit.collectives(compiled))}
+              step_audit.collectives(compiled)),
+          'collectives_folded': step_audit.summarize(
+              step_audit.fold_nested(partitioned))}
 
 
 def _print_memory() -> None:
@@ -135,6 +140,8 @@ def _print_memory() -> None:
     print(f'  {key:12s} {value / 2**30:8.3f} GiB')
   for op, (count, size) in sorted(report['collectives'].items()):
     print(f'  {op}: {count} ops, {size:,} B')
+  count, size = report['collectives_folded'].get('all-reduce', (0, 0))
+  print(f'  all-reduce with nested pairs folded: {count} ops, {size:,} B')
 
 
 def main(argv: Sequence[str]) -> None:

@@ -226,6 +226,28 @@ def test_a_weight_shared_across_levels_is_reduced_once(model):
   assert found == {}
 
 
+def test_spatially_partitioned_step_reduces_what_data_parallel_does():
+  """With the height on 'model', every gradient and batch-norm sum is an
+  all-reduce over 'data' nested with one over 'model' (XLA:CPU runs both);
+  folded into one, as XLA's AllReduceFolder folds them, the all-reduces are
+  the data-parallel step's. A weight reduced per level (the head's shared
+  convs) would not fold and would fail this."""
+  config = _config(model=2)
+  shapes = jax.eval_shape(lambda: models.build_model(config).init(
+      jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+  compiled, text = step_audit.compile_with_partitioned_hlo(
+      step_audit.lower_train_step(config))
+  folded = step_audit.fold_nested(text)
+  problems = step_audit.audit_data_parallel(folded, shapes['params'],
+                                            shapes['batch_stats'])
+  # Besides the halos, two small all-gathers over 'model' (256 B each).
+  assert [p for p in problems if not p.startswith(
+      ('unexpected collective-permute', 'unexpected all-gather'))] == []
+  measured = step_audit.summarize(step_audit.collectives(compiled))
+  assert measured['all-reduce'][1] > step_audit.summarize(folded)[
+      'all-reduce'][1]  # XLA:CPU itself does not fold them.
+
+
 def test_audit_fails_a_mis_sharded_step():
   """Weights sharded over 'data' by mistake: all-gathers appear."""
   def on_data(abstract, mesh):
@@ -248,7 +270,7 @@ def test_audit_fails_a_mis_sharded_step():
 def test_collectives_parse_sync_async_and_tuples():
   hlo = '\n'.join([
       '  %ar = f32[3,3,8,16]{3,2,1,0} all-reduce(f32[3,3,8,16] %g), '
-      'channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add',
+      'channel_id=1, replica_groups={{0,1},{2,3}}, to_apply=%add',
       '  %t = (f32[16]{0}, bf16[4,2]{1,0}) all-reduce(%a, %b), '
       'replica_groups=[2,4]<=[8], to_apply=%add',
       '  %ag = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%x), '
@@ -260,7 +282,7 @@ def test_collectives_parse_sync_async_and_tuples():
   assert [(c.op, c.bytes) for c in found] == [
       ('all-reduce', 4 * 1152), ('all-reduce', 16 * 4 + 8 * 2),
       ('all-gather', (16 + 64) * 4), ('collective-permute', 32 * 4)]
-  assert found[0].groups == '{{0,1,2,3}}'
+  assert [c.groups for c in found[:2]] == ['{{0,1},{2,3}}', '[2,4]<=[8]']
 
 
 # ---------------------------------------------------------- multi-slice
