@@ -240,6 +240,20 @@ def fold_nested(text: str) -> list[Collective]:
   return collectives('\n'.join(kept))
 
 
+def promoted(found: list[Collective]) -> list[Collective]:
+  """`found` with 16-bit float all-reduces counted at 32 bits, as XLA:CPU
+  runs them (its `all-reduce-promotion` pass): the partitioned HLO reduces
+  bfloat16 gradients in bfloat16, the compiled CPU program in float32."""
+  out = []
+  for c in found:
+    if c.op == 'all-reduce':
+      shapes = tuple(re.sub(r'^(bf16|f16)\[', 'f32[', x) for x in c.shapes)
+      c = dataclasses.replace(c, shapes=shapes,
+                              bytes=_shape_bytes(' '.join(shapes))[1])
+    out.append(c)
+  return out
+
+
 def tree_bytes(tree: Any) -> int:
   """Bytes of the float32 arrays of a tree of arrays or abstract arrays."""
   return sum(4 * math.prod(x.shape) for x in jax.tree.leaves(tree))
