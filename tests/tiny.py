@@ -43,6 +43,7 @@ TINY_DEMO = {**TINY_DATA, **TINY_BACKBONE, **TINY_HEAD,
              'batch_size': 8, 'total_steps': 12, 'optimizer.name': 'sgd',
              'optimizer.base_learning_rate': 1.28,
              'optimizer.warmup_steps': 2, 'optimizer.ema_decay': 0.9,
+             'optimizer.weight_decay': 0.0,
              'log_every_steps': 1, 'checkpoint_every_steps': 4}
 TINY_CLASSIFICATION_DATA = {**TINY_DATA, 'data.num_train_examples': 32}
 # The shared classification run (conftest `cls_workdir`).
