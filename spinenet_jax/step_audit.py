@@ -23,6 +23,7 @@ import tempfile
 from typing import Any
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import jax.numpy as jnp
 import ml_collections
 
@@ -194,15 +195,19 @@ def compile_with_partitioned_hlo(lowered: jax.stages.Lowered
   partitioning, before the backend's own passes (from an XLA dump in a
   temporary directory; the compiled program is the same as without it).
   The persistent compilation cache is off for this compile: a cached program
-  is not compiled, so nothing would be dumped."""
-  cache = jax.config.jax_enable_compilation_cache
+  is not compiled, so nothing would be dumped. JAX decides once per process
+  whether to use the cache, so the setting alone is not enough: the cache
+  is reset before the compile and again after it, to be decided anew."""
+  enabled = jax.config.jax_enable_compilation_cache
   with tempfile.TemporaryDirectory() as tmp:
     jax.config.update('jax_enable_compilation_cache', False)
+    jax_cache.reset_cache()
     try:
       compiled = lowered.compile(compiler_options={
           'xla_dump_to': tmp, 'xla_dump_hlo_pass_re': 'spmd-partitioning'})
     finally:
-      jax.config.update('jax_enable_compilation_cache', cache)
+      jax.config.update('jax_enable_compilation_cache', enabled)
+      jax_cache.reset_cache()
     paths = glob.glob(os.path.join(tmp, '*after_spmd-partitioning*.txt'))
     if not paths:
       raise RuntimeError('XLA dumped no module after spmd-partitioning; '
