@@ -132,11 +132,11 @@ def summed_param_grads(fn: Callable[[Any, jax.Array], jax.Array], params: Any,
       total = grad if total is None else jax.tree.map(jnp.add, total, grad)
     return total
 
-  axes = tuple(a for a, n in (('data', data_shards(xs)),
-                              ('model', model_shards(xs, halo))) if n > 1)
+  k = model_shards(xs, halo)
+  axes = tuple(a for a, n in (('data', data_shards(xs)), ('model', k))
+               if n > 1)
   if not axes:
     return local(params, xs, dys)
-  k = model_shards(xs, halo) if 'model' in axes else 1
 
   def per_shard(params, xs, dys):
     varying = jax.tree.map(lambda a: jax.lax.pcast(a, axes, to='varying'),

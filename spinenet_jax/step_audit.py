@@ -225,14 +225,13 @@ def fold_nested(text: str) -> list[Collective]:
   leaves every kernel gradient and batch-norm sum as such a pair, one over
   'data' and one over 'model'."""
   lines = [_COMMENT.sub('', line) for line in text.splitlines()]
-  defs, uses = {}, {}
-  for line in lines:
-    match = _DEF.match(line)
-    if not match:
-      continue
-    defs[match.group(1)] = match.group(2)
-    for name in _NAME.findall(match.group(2).split(', metadata=')[0]):
-      uses[name] = uses.get(name, 0) + 1
+  matches = [_DEF.match(line) for line in lines]
+  names = [m.group(1) if m else None for m in matches]
+  defs = {m.group(1): m.group(2) for m in matches if m}
+  uses = {}
+  for rhs in defs.values():
+    for operand in _NAME.findall(rhs.split(', metadata=')[0]):
+      uses[operand] = uses.get(operand, 0) + 1
   folded = set()
   for name, rhs in defs.items():
     match = _ALL_REDUCE.search(rhs)
@@ -240,8 +239,7 @@ def fold_nested(text: str) -> list[Collective]:
     if (len(operands) == 1 and uses.get(operands[0]) == 1 and
         _ALL_REDUCE.search(defs.get(operands[0], ''))):
       folded.add(name)
-  kept = [line for line in lines
-          if not (_DEF.match(line) and _DEF.match(line).group(1) in folded)]
+  kept = [line for line, name in zip(lines, names) if name not in folded]
   return collectives('\n'.join(kept))
 
 
