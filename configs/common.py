@@ -81,7 +81,7 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       conv_impl='auto',
       # Rematerialisation: 'none', 'blocks' (each block recomputed in the
       # backward pass: less memory, about a third more compute) or 'full'
-      # (the resampling and endpoints too); spinenet_jax/layers.py.
+      # (the stem, resampling and endpoints too); spinenet_jax/remat.py.
       remat='none',
       # None: from the model id's scaling map; typed so that they can be set
       # from the command line (--config.model.filter_size_scale=0.25).

@@ -303,33 +303,6 @@ class ResidualBlock(nn.Module):
 
 BLOCKS = {'bottleneck': BottleneckBlock, 'residual': ResidualBlock}
 
-# Rematerialisation (`config.model.remat`): 'none'; 'blocks': every block's
-# activations are recomputed in the backward pass from its input, so a step
-# keeps one activation per block instead of about ten; 'full': the
-# resampling connections and endpoints too, so only what flows between
-# modules is kept.
-REMAT_MODES = ('none', 'blocks', 'full')
-
-
-def remat(cls: type[nn.Module], enabled: bool,
-          static_argnums: tuple[int, ...] = (2,)) -> type[nn.Module]:
-  """`cls` under `nn.remat` when `enabled` (`static_argnums` count `self`
-  as 0: by default `train` of `__call__(self, x, train)`), else `cls`.
-
-  Parameter and batch-stat names do not change, so checkpoints load either
-  way; the recomputed forward pass gives the same numbers.
-  """
-  return nn.remat(cls, static_argnums=static_argnums) if enabled else cls
-
-
-def check_remat(mode: str) -> None:
-  """Raises a ValueError naming `mode` unless it is one of REMAT_MODES."""
-  if mode not in REMAT_MODES:
-    raise ValueError(f'remat={mode!r} is not one of {REMAT_MODES}: '
-                     "'blocks' recomputes each block in the backward pass, "
-                     "'full' the resampling and endpoints too.")
-
-
 # ---------------------------------------------------------------------------
 # SpineNet-Mobile building blocks (Du et al., arXiv:2010.11426; Model
 # Garden's `InvertedBottleneckBlock` and `SqueezeExcitation`).

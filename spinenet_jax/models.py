@@ -12,7 +12,7 @@ import numpy as np
 
 from spinenet_jax import conv_impl
 from spinenet_jax import heads
-from spinenet_jax import layers
+from spinenet_jax import remat
 from spinenet_jax import specs as specs_lib
 from spinenet_jax.detection import anchors as anchors_lib
 from spinenet_jax.spinenet import ScalePermutedNetwork, SpineNet
@@ -63,7 +63,7 @@ class _WithBackbone(nn.Module):
   # on CPU, XLA's convolution otherwise), 'xla' or 'im2col' (`conv_impl.py`).
   conv_impl: str = 'auto'
   # What the backward pass recomputes instead of keeping: 'none', 'blocks'
-  # or 'full' (`layers.REMAT_MODES`); the results are the same.
+  # or 'full' (`remat.MODES`); the results are the same.
   remat: str = 'none'
 
   _resize_fallback = False  # Not a field: the backbone's, fixed per model.
@@ -214,5 +214,5 @@ def build_model(config: Any) -> RetinaNet | Classifier:
       kwargs[key] = tuple(kwargs[key])
   kwargs['dtype'] = get_dtype(config.get('dtype', 'float32'))
   conv_impl.check(kwargs.get('conv_impl', 'auto'))
-  layers.check_remat(kwargs.get('remat', 'none'))
+  remat.check(kwargs.get('remat', 'none'))
   return cls(**kwargs)

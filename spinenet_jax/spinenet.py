@@ -12,6 +12,7 @@ A family's stem, resampling and block group are hooks.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from spinenet_jax import layers
+from spinenet_jax import remat
 from spinenet_jax import resample
 from spinenet_jax import specs as specs_lib
 
@@ -60,7 +62,7 @@ class ScalePermutedNetwork(nn.Module):
   resize_fallback: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'  # How kxk convs are lowered (`conv_impl.py`).
-  remat: str = 'none'  # layers.REMAT_MODES: what the backward recomputes.
+  remat: str = 'none'  # remat.MODES: what the backward recomputes.
 
   family = specs_lib.SPINENET  # Not a field: fixed per subclass.
 
@@ -104,8 +106,19 @@ class ScalePermutedNetwork(nn.Module):
                              self.bn_momentum, self.bn_epsilon, self.conv_impl)
     height, width = x.shape[1:3]
 
-    layers.check_remat(self.remat)
-    feats = dict(enumerate(self._stem(x, train, defs)))
+    remat.check(self.remat)
+    uses = collections.Counter(j for n in nodes for j in (*n.inputs, *n.extras))
+    uses.update(endpoints.values())
+    copies = {}
+
+    def add(j, feat):  # One copy per consumer: see `remat.fan_out`.
+      copies[j] = list(remat.fan_out(feat, max(uses[j], 1)))
+
+    def take(j):
+      return copies[j].pop()
+
+    for j, feat in enumerate(self._stem(x, train, defs)):
+      add(j, feat)
     block_fns = {j: fn for j, (_, fn) in enumerate(self.family.stem)}
     for node in nodes:
       size = (math.ceil(height / 2**node.level),
@@ -113,20 +126,20 @@ class ScalePermutedNetwork(nn.Module):
       parents = [
           self._resample(block_fns[j], node.channels,
                          f'resample{node.index}_{k}', defs)(
-                             feats[j], size, train)
+                             take(j), size, train)
           for k, j in enumerate(node.inputs)]
-      parents += [feats[j].astype(parents[0].dtype) for j in node.extras]
+      parents += [take(j).astype(parents[0].dtype) for j in node.extras]
       y = layers.get_activation(defs.activation)(sum(parents))
       rate = self.stochastic_depth_rate * (node.spec_index + 1) / len(block_specs)
-      feats[node.index] = self._group(y, train, node.block_fn, node.filters, 1,
-                                      rate, f'block{node.index}', defs)
+      add(node.index, self._group(y, train, node.block_fn, node.filters, 1,
+                                  rate, f'block{node.index}', defs))
       block_fns[node.index] = node.block_fn
 
     n = self.setting('endpoints_num_filters')
-    endpoint = layers.remat(layers.ConvBN, self.remat == 'full')
+    endpoint = remat.wrap(layers.ConvBN, self.remat == 'full')
     return {level: endpoint(n, 1, 1, defs.activation, defs.conv,
                             defs.norm, name=f'endpoint{level}')(
-                                     feats[endpoints[level]], train)
+                                     take(endpoints[level]), train)
             for level in range(self.min_level, self.max_level + 1)}
 
 
@@ -143,13 +156,17 @@ class SpineNet(ScalePermutedNetwork):
 
   def _stem(self, x: jax.Array, train: bool,
             defs: layers.LayerDefs) -> list[jax.Array]:
-    x = layers.ConvBN(self.stem_filters or 64, 7, 2, defs.activation,
-                      defs.conv, defs.norm, name='stem_conv')(x, train)
-    x = resample.max_pool(x)
+    full = self.remat == 'full'
+    x = remat.wrap(layers.ConvBN, full)(
+        self.stem_filters or 64, 7, 2, defs.activation, defs.conv, defs.norm,
+        name='stem_conv')(x, train)
+    x = (jax.checkpoint(resample.max_pool) if full else resample.max_pool)(x)
     filters = int(specs_lib.FILTER_SIZE_MAP[2] *
                   self.setting('filter_size_scale'))
     feats = []
     for g in range(2):
+      if feats:  # Block 0 is a feature and block 1's input.
+        x, feats[-1] = remat.fan_out(feats[-1], 2)
       x = self._group(x, train, 'bottleneck', filters, 1, 0.0,
                       f'stem_block{g}', defs)
       feats.append(x)
@@ -157,7 +174,7 @@ class SpineNet(ScalePermutedNetwork):
 
   def _resample(self, parent_block_fn: str, target_channels: int, name: str,
                 defs: layers.LayerDefs) -> nn.Module:
-    cls = layers.remat(resample.Resample, self.remat == 'full', (2, 3))
+    cls = remat.wrap(resample.Resample, self.remat == 'full', (2, 3))
     return cls(parent_block_fn, target_channels,
                self.setting('resample_alpha'), defs.activation,
                self.resize_fallback, defs.conv, defs.norm, name=name)
@@ -167,7 +184,7 @@ class SpineNet(ScalePermutedNetwork):
              defs: layers.LayerDefs) -> jax.Array:
     # Model Garden's `SpineNet._block_group`: only the first block may stride
     # or project.
-    cls = layers.remat(layers.BLOCKS[block_fn], self.remat != 'none')
+    cls = remat.wrap(layers.BLOCKS[block_fn], self.remat != 'none')
     out_ch = specs_lib.block_channels(block_fn, filters)
     use_projection = not (x.shape[-1] == out_ch and strides == 1)
     for r in range(self.setting('block_repeats')):

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 
 from spinenet_jax import layers
+from spinenet_jax import remat
 from spinenet_jax import resample
 from spinenet_jax import specs as specs_lib
 from spinenet_jax.spinenet import ScalePermutedNetwork
@@ -64,10 +65,13 @@ class SpineNetMobile(ScalePermutedNetwork):
     # both are features. No stochastic depth in the stem.
     fmap = self.family.filter_size_map
     fss = self.setting('filter_size_scale')
-    x = layers.ConvBN(int(fmap[0] * fss), 3, 2, defs.activation, defs.conv,
-                      defs.norm, name='stem_conv')(x, train)
+    x = remat.wrap(layers.ConvBN, self.remat == 'full')(
+        int(fmap[0] * fss), 3, 2, defs.activation, defs.conv, defs.norm,
+        name='stem_conv')(x, train)
     feats = []
     for g, strides in enumerate((1, 2)):
+      if feats:  # Block 0 is a feature and block 1's input.
+        x, feats[-1] = remat.fan_out(feats[-1], 2)
       x = self._group(x, train, 'mbconv', int(fmap[g + 1] * fss), strides,
                       0.0, f'stem_block{g}', defs)
       feats.append(x)
@@ -76,7 +80,7 @@ class SpineNetMobile(ScalePermutedNetwork):
   def _resample(self, parent_block_fn: str, target_channels: int, name: str,
                 defs: layers.LayerDefs) -> nn.Module:
     del parent_block_fn  # No alpha reduction: the parent's width is unused.
-    cls = layers.remat(resample.SeparableResample, self.remat == 'full',
+    cls = remat.wrap(resample.SeparableResample, self.remat == 'full',
                        (2, 3))
     return cls(target_channels, defs.activation, self.resize_fallback,
                defs.conv, defs.depthwise_conv, defs.norm, name=name)
@@ -86,7 +90,7 @@ class SpineNetMobile(ScalePermutedNetwork):
              defs: layers.LayerDefs) -> jax.Array:
     del block_fn  # Always 'mbconv'.
     block = functools.partial(
-        layers.remat(layers.InvertedBottleneckBlock, self.remat != 'none'),
+        remat.wrap(layers.InvertedBottleneckBlock, self.remat != 'none'),
         filters, self.expand_ratio,
         se_ratio=self.se_ratio, stochastic_depth_rate=rate,
         activation=defs.activation,

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
-from spinenet_jax import layers
 from spinenet_jax import models
+from spinenet_jax import remat
 from spinenet_jax import step_audit
 
 
@@ -96,7 +96,7 @@ flags.DEFINE_bool('json', False, 'Print one JSON object.')
 flags.DEFINE_bool('memory', False, 'Compile the train step (not run) and '
                   'print its per-device memory and collectives.')
 flags.DEFINE_integer('batch', 1, 'Per-device batch (--memory).')
-flags.DEFINE_enum('remat', 'none', list(layers.REMAT_MODES),
+flags.DEFINE_enum('remat', 'none', list(remat.MODES),
                   'Rematerialisation (--memory).')
 flags.DEFINE_integer('mesh_model', 1, "Devices on the mesh's 'model' axis: "
                      'spatial partitioning (--memory).')

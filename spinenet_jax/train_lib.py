@@ -33,6 +33,7 @@ from spinenet_jax import models
 from spinenet_jax import multihost
 from spinenet_jax import nonfinite
 from spinenet_jax import optim
+from spinenet_jax import remat
 from spinenet_jax import sharding
 from spinenet_jax import tasks
 from spinenet_jax import workdir_lock
@@ -151,7 +152,10 @@ def make_train_step(model, config, tx, schedule, state_shardings, mesh):
   return jax.jit(step_fn, in_shardings=(state_shardings,
                                         sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+                 donate_argnums=0,
+                 compiler_options=remat.compiler_options(
+                     config.model.get('remat', 'none'),
+                     mesh.devices.flat[0].platform))
 
 
 def make_eval_step(model, config, mesh):
