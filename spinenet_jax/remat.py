@@ -8,7 +8,7 @@ recomputes instead of keeping.
   endpoints too, so only what flows between modules is kept.
 
 Parameter names, losses and gradients are the same in every mode (bitwise
-on CPU for SpineNet, tests/test_pod.py), so checkpoints move between them.
+on CPU, tests/test_pod.py), so checkpoints move between them.
 """
 
 from __future__ import annotations
@@ -74,3 +74,24 @@ def _fan_out_bwd(n, _, cts):
 
 
 fan_out.defvjp(_fan_out_fwd, _fan_out_bwd)
+
+
+@jax.custom_vjp
+def gradient_barrier(x: jax.Array) -> jax.Array:
+  """`x`, whose gradient passes an optimization barrier: XLA cannot fuse
+  the op that produces it into the backward pass of what made `x`, as a
+  remat boundary already keeps it from doing. Without it, XLA:CPU reduced
+  one batch-norm bias gradient of a SpineNet-Mobile block (tiny test net)
+  in another order than with remat."""
+  return x
+
+
+def _barrier_fwd(x):
+  return x, None
+
+
+def _barrier_bwd(_, ct):
+  return (jax.lax.optimization_barrier(ct),)
+
+
+gradient_barrier.defvjp(_barrier_fwd, _barrier_bwd)

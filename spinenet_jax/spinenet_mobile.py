@@ -99,4 +99,5 @@ class SpineNetMobile(ScalePermutedNetwork):
         depthwise_conv=defs.depthwise_conv, norm=defs.norm)
     for r in range(self.setting('block_repeats')):
       x = block(strides if r == 0 else 1, name=f'{name}_{r}')(x, train)
+      x = remat.gradient_barrier(x)  # The same gradients with remat.
     return x
