@@ -209,9 +209,9 @@ def compile_with_partitioned_hlo(lowered: jax.stages.Lowered
       jax.config.update('jax_enable_compilation_cache', enabled)
       jax_cache.reset_cache()
     paths = glob.glob(os.path.join(tmp, '*after_spmd-partitioning*.txt'))
-    if not paths and not collectives(compiled):
-      return compiled, compiled.as_text()  # One device: nothing partitioned.
     if not paths:
+      if not collectives(compiled):  # One device: nothing was partitioned.
+        return compiled, compiled.as_text()
       raise RuntimeError('XLA dumped no module after spmd-partitioning; '
                          'this XLA may name the pass differently.')
     with open(max(paths, key=os.path.getsize)) as f:
