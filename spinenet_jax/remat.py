@@ -37,21 +37,6 @@ def wrap(cls: type[nn.Module], enabled: bool,
   return nn.remat(cls, static_argnums=static_argnums) if enabled else cls
 
 
-def compiler_options(mode: str, platform: str) -> dict[str, str]:
-  """XLA options for a step compiled with remat `mode` on `platform`.
-
-  XLA:CPU's default scheduler orders a program for concurrency and runs a
-  rematerialised block's recomputation as soon as its inputs exist, long
-  before the backward pass needs it: on one CPU device 'full' remat took
-  SpineNet-49@640's train step from 1.84 to only 1.77 GiB of temporaries.
-  With remat on, the step is scheduled for memory instead (0.83 GiB);
-  without it, and on GPU and TPU, the compiler's defaults stay.
-  """
-  if mode == 'none' or platform != 'cpu':
-    return {}
-  return {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def fan_out(x: jax.Array, n: int) -> tuple[jax.Array, ...]:
   """`n` copies of `x`, one per consumer, whose gradients are summed in the
