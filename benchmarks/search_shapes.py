@@ -1,7 +1,8 @@
 """Architecture search on the shapes data: proxy noise, a search, retraining.
 
   python benchmarks/search_shapes.py --workdir=runs/bench_search \
-      [--stages=noise,search,long] [--num_trials=30] [--long_scale=4]
+      [--stages=noise,search,long] [--num_trials=30] [--long_scale=4] \
+      [--long_only=evolution_best,random_best]
 
 Stages (each resumes: a finished training is read back from its workdir):
 - noise: the proxy reward over 3 seeds for SpineNet-49-proxy and 2 random
@@ -11,7 +12,9 @@ Stages (each resumes: a finished training is read back from its workdir):
 - long: `long_scale` x longer training of the scale-decreased ResNet-50
   seed, SpineNet-49-proxy, the random specs and each search's best; their
   AP on the held-out split against their proxy reward gives Kendall's tau,
-  and their AP on the validation split is the final table.
+  and their AP on the validation split is the final table. A search's best
+  is not retrained for its proxy reward: its trial was that same training
+  (seed 0, the proxy budget). `--long_only` trains only the named rows.
 Figures go to WORKDIR/summary.json and are printed as Markdown.
 """
 
@@ -112,23 +115,33 @@ def kendall_tau(x, y) -> float:
   return float(s / (n * (n - 1) / 2))
 
 
-def stage_long(workdir: Path, scale: float, search: dict) -> dict:
+def stage_long(workdir: Path, scale: float, search: dict,
+               only: list[str] | None = None) -> dict:
   named = [('scale_decreased_r50', scale_decreased_seed()),
            ('spinenet49_proxy', SPINENET49),
            *((f'random{i}', s) for i, s in enumerate(random_specs(3)))]
   named += [(f'{a}_best', search[a]['block_specs']) for a in search]
+  rewards = {f'{a}_best': search[a]['best_reward'] for a in search}
+  if only:
+    unknown = set(only) - {n for n, _ in named}
+    if unknown:
+      raise SystemExit(f'--long_only: unknown rows {sorted(unknown)}; '
+                       f'rows are {[n for n, _ in named]}')
+    named = [(n, bs) for n, bs in named if n in only]
   rows = {}
   for name, bs in named:
-    short = train(workdir, f'{name}-s0', bs, 0)
+    reward = (rewards[name] if name in rewards
+              else train(workdir, f'{name}-s0', bs, 0)['reward'])
     long = train(workdir, f'{name}-long', bs, 0, scale)
     val = train(workdir, f'{name}-long', bs, 0, scale, split='validation')
-    rows[name] = {'proxy_reward': short['reward'], 'long_heldout_AP':
+    rows[name] = {'proxy_reward': reward, 'long_heldout_AP':
                   long['AP'], 'validation_AP': val['AP'],
                   'validation_AP50': val['AP50'], 'macs': long['macs'],
                   'params': long['params']}
   proxy_r = [r['proxy_reward'] for r in rows.values()]
   long_r = [r['long_heldout_AP'] for r in rows.values()]
-  return {'rows': rows, 'kendall_tau': kendall_tau(proxy_r, long_r)}
+  tau = kendall_tau(proxy_r, long_r) if len(rows) > 1 else None
+  return {'rows': rows, 'kendall_tau': tau}
 
 
 def main() -> None:
@@ -137,6 +150,8 @@ def main() -> None:
   p.add_argument('--stages', default='noise,search,long')
   p.add_argument('--num_trials', type=int, default=30)
   p.add_argument('--long_scale', type=float, default=4.0)
+  p.add_argument('--long_only', default='',
+                 help='comma-separated rows of the long stage to train')
   args = p.parse_args()
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +164,8 @@ def main() -> None:
     summary['search'] = stage_search(workdir, args.num_trials)
   if 'long' in stages:
     summary['long'] = stage_long(workdir, args.long_scale,
-                                 summary.get('search', {}))
+                                 summary.get('search', {}),
+                                 [n for n in args.long_only.split(',') if n])
   path.write_text(json.dumps(summary, indent=1) + '\n')
   print(json.dumps(summary, indent=1))
 
