@@ -5,7 +5,7 @@ WORKDIR ?= runs/demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean parity onnx
+.PHONY: demo test setup clean parity parity-venv onnx
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ $(PARITY_STAMP): pyproject.toml
 	$(PARITY_PY) -m pip install --quiet jax flax optax orbax-checkpoint ml-collections pytest
 	$(PARITY_PY) -m pip install --quiet --no-deps -e .
 	touch $(PARITY_STAMP)
+
+# The environment alone (benchmarks/vs_model_garden.py runs in it).
+parity-venv: $(PARITY_STAMP)
 
 parity: $(PARITY_STAMP)
 	$(PARITY_PY) -m pytest -p no:cacheprovider -s -k parity tests/test_convert_model_garden.py
