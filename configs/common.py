@@ -76,7 +76,8 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       model_id='49', activation='swish', stochastic_depth_rate=0.0,
       bn_momentum=0.99, bn_epsilon=1e-3,
       # How convolutions are lowered: 'auto' (on CPU: 1x1 gradients written
-      # out, im2col matmuls for small feature maps), 'xla' or 'im2col'
+      # out, im2col matmuls for small feature maps, wide kernel gradients as
+      # im2col matmuls), 'xla', 'im2col' or 'im2col_grad'
       # (spinenet_jax/conv_impl.py).
       conv_impl='auto',
       # Rematerialisation: 'none', 'blocks' (each block recomputed in the

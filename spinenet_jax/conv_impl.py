@@ -9,9 +9,13 @@ head's 256 channels) of maps up to 16x16 run about 2x slower, forward and
 backward (benchmarks/README.md, "Small convolutions"). On CPU those run as an
 im2col matmul instead: the k*k shifted, strided views of the padded input are
 concatenated on the channel axis and multiplied by the kernel reshaped to
-[k*k*C_in, C_out]; its gradients are matmuls too. Everything else, and
-every convolution on GPU/TPU, keeps XLA's convolution: for narrow or large
-maps im2col is slower and compiles more slowly.
+[k*k*C_in, C_out]; its gradients are matmuls too. On larger maps XLA's
+convolution and input gradient are fast, but its kernel gradient is not
+(16-22 GMAC/s for the RetinaNet head's convolutions at 640 px, a third of an
+im2col matmul's speed); from 128 input channels on, 'im2col_grad' keeps
+XLA's convolution and computes the kernel gradient as that matmul
+(`conv_im2col_grad`). Narrow convolutions, and every convolution on GPU/TPU,
+keep XLA's own: there im2col is slower and compiles more slowly.
 
 Every matmul of a convolution, 1x1 ones included, has its gradients written
 out (`matmul`): JAX derives the same two matmuls, but the order of its
@@ -23,19 +27,21 @@ elsewhere they stay the einsum JAX differentiates.
 
 The choice is made here and nowhere else: `resolve('auto', ...)` picks by
 backend, kernel size, map size and width; `config.model.conv_impl` ('auto',
-'xla', 'im2col') forces one for every convolution ('im2col' of a 1x1 kernel
-is `matmul`, 'xla' the einsum JAX differentiates). Both give the same results
+'xla', 'im2col', 'im2col_grad') forces one for every convolution ('im2col'
+or 'im2col_grad' of a 1x1 kernel is `matmul`, 'xla' the einsum JAX
+differentiates). All give the same results
 up to float rounding (tests/test_conv_impl.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('xla', 'im2col')
+IMPLS = ('xla', 'im2col', 'im2col_grad')
 CHOICES = ('auto',) + IMPLS
 # 'auto' on CPU runs im2col for maps smaller than the kernel, and for maps of
 # at most IM2COL_MAX_PIXELS pixels with at least IM2COL_MIN_CHANNELS input
@@ -43,6 +49,11 @@ CHOICES = ('auto',) + IMPLS
 # channels, 32x32 1.3-1.6x slower; 128 channels is a wash).
 IM2COL_MAX_PIXELS = 256
 IM2COL_MIN_CHANNELS = 256
+# Every other convolution with at least GRAD_MIN_CHANNELS input channels runs
+# 'im2col_grad' on CPU: XLA's forward and input gradient, its kernel gradient
+# as an im2col matmul (2x faster at 256 channels, 3.5x for the class
+# predictor's 819 outputs, 1.3x at 128; 2x slower at 64).
+GRAD_MIN_CHANNELS = 128
 
 
 def check(impl: str) -> str:
@@ -64,7 +75,9 @@ def resolve(impl: str, shape: Sequence[int], kernel_size: int) -> str:
   h, w, c = shape[1:]
   tiny = h < kernel_size or w < kernel_size
   wide = h * w <= IM2COL_MAX_PIXELS and c >= IM2COL_MIN_CHANNELS
-  return 'im2col' if tiny or wide else 'xla'
+  if tiny or wide:
+    return 'im2col'
+  return 'im2col_grad' if c >= GRAD_MIN_CHANNELS else 'xla'
 
 
 def _views(x: jax.Array, k: int, s: int) -> list[jax.Array]:
@@ -107,13 +120,51 @@ def conv1x1(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.Array:
   return matmul(x, kernel)
 
 
+def _im2col(x: jax.Array, k: int, s: int) -> jax.Array:
+  """The patches of `x` for a k x k, stride-s 'SAME' convolution:
+  [B, H/s, W/s, k*k*C], the views concatenated on channels."""
+  return jnp.concatenate(_views(x, k, s), axis=-1)
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_im2col_grad(x: jax.Array, kernel: jax.Array,
+                     strides: int) -> jax.Array:
+  """XLA's convolution and input gradient, with the kernel gradient as
+  one matmul of the im2col patches and the output gradient (XLA:CPU runs
+  wide kernel gradients at a third of a matmul's speed or less)."""
+  return _xla_conv(x, kernel, strides)
+
+
+def _conv_im2col_grad_fwd(x, kernel, strides):
+  return _xla_conv(x, kernel, strides), (x, kernel)
+
+
+def _conv_im2col_grad_bwd(strides, res, dy):
+  x, kernel = res
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, strides), x)
+  with jax.named_scope('im2col'):
+    patches = _im2col(x, kernel.shape[0], strides)
+    dk = jnp.einsum('bhwc,bhwd->cd', patches, dy)
+  return input_vjp(dy)[0], dk.reshape(kernel.shape)
+
+
+conv_im2col_grad.defvjp(_conv_im2col_grad_fwd, _conv_im2col_grad_bwd)
+
+
 def conv(x: jax.Array, kernel: jax.Array, strides: int = 1,
          impl: str = 'auto') -> jax.Array:
   """'SAME' convolution of NHWC `x` with an HWIO `kernel` [k, k, C, D]."""
-  if resolve(impl, x.shape, kernel.shape[0]) == 'xla':
-    return jax.lax.conv_general_dilated(
-        x, kernel, (strides, strides), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  impl = resolve(impl, x.shape, kernel.shape[0])
+  if impl == 'xla':
+    return _xla_conv(x, kernel, strides)
+  if impl == 'im2col_grad':
+    return conv_im2col_grad(x, kernel, strides)
   with jax.named_scope('im2col'):
-    patches = jnp.concatenate(_views(x, kernel.shape[0], strides), axis=-1)
+    patches = _im2col(x, kernel.shape[0], strides)
     return matmul(patches, kernel.reshape(-1, kernel.shape[-1]))

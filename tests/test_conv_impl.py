@@ -18,6 +18,7 @@ def _rel(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+@pytest.mark.parametrize('impl', ['im2col', 'im2col_grad'])
 @pytest.mark.parametrize('batch,h,w,cin,cout,k,s', [
     (2, 2, 2, 8, 5, 3, 1),     # map smaller than the kernel
     (1, 5, 7, 4, 6, 3, 2),     # odd sizes, strided: TF 'SAME' pads 0/1
@@ -26,7 +27,7 @@ def _rel(a, b) -> float:
     (2, 1, 1, 6, 4, 3, 2),     # level 7 of a 128-pixel image
     (1, 6, 6, 4, 4, 5, 1),
 ])
-def test_im2col_matches_xla(batch, h, w, cin, cout, k, s):
+def test_matmul_lowerings_match_xla(batch, h, w, cin, cout, k, s, impl):
   x = jax.random.normal(jax.random.key(0), (batch, h, w, cin))
   kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
   ct = jax.random.normal(jax.random.key(2), (batch, -(-h // s), -(-w // s),
@@ -37,7 +38,7 @@ def test_im2col_matches_xla(batch, h, w, cin, cout, k, s):
     y, vjp = jax.vjp(f, x, kernel)
     return y, vjp(ct)
   (y, grads), (y_ref, grads_ref) = jax.jit(run, static_argnums=0)(
-      'im2col'), jax.jit(run, static_argnums=0)('xla')
+      impl), jax.jit(run, static_argnums=0)('xla')
   assert y.shape == y_ref.shape
   assert _rel(y, y_ref) < 1e-5
   for g, g_ref in zip(grads, grads_ref):
@@ -80,8 +81,11 @@ def test_auto_picks_by_backend_size_and_width():
   assert conv_impl.resolve('xla', (2, 64, 64, 16), 1) == 'xla'
   assert conv_impl.resolve('auto', (2, 2, 2, 16), 3) == 'im2col'  # tiny map
   assert conv_impl.resolve('auto', (2, 16, 16, 256), 3) == 'im2col'  # wide
-  assert conv_impl.resolve('auto', (2, 16, 16, 128), 3) == 'xla'
-  assert conv_impl.resolve('auto', (2, 32, 32, 256), 3) == 'xla'
+  # Larger maps: XLA's convolution, its kernel gradient an im2col matmul
+  # from 128 input channels on.
+  assert conv_impl.resolve('auto', (2, 16, 16, 128), 3) == 'im2col_grad'
+  assert conv_impl.resolve('auto', (2, 32, 32, 256), 3) == 'im2col_grad'
+  assert conv_impl.resolve('auto', (2, 32, 32, 64), 3) == 'xla'
   assert conv_impl.resolve('xla', (2, 2, 2, 256), 3) == 'xla'
   assert conv_impl.resolve('im2col', (2, 64, 64, 8), 3) == 'im2col'
 
@@ -96,7 +100,8 @@ def test_unknown_conv_impl_is_a_config_error():
 @pytest.mark.parametrize('model_id,specs', [
     ('49', tiny.TINY_SPECS), ('49_mobile', tiny.TINY_MOBILE_SPECS)])
 def test_model_outputs_and_gradients_agree_across_lowerings(model_id, specs):
-  """Every conv as a matmul (im2col, 1x1 gradients written out) vs every one
+  """Every conv as a matmul (im2col, 1x1 gradients written out), and every
+  kxk one with its kernel gradient as a matmul (im2col_grad), vs every one
   as XLA derives it, on the tiny networks (SpineNet: 7x7/2 stem, 1x1 and 3x3
   bottleneck and residual convs, resampling, head; SpineNet-Mobile: MBConv
   expansions and projections, squeeze-excitation, separable head).
@@ -122,10 +127,11 @@ def test_model_outputs_and_gradients_agree_across_lowerings(model_id, specs):
       return sum(jnp.sum(o**2) for o in jax.tree.leaves(out)), out
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
 
-  (_, out), grads = value_and_grad('im2col')
   (_, out_ref), grads_ref = value_and_grad('xla')
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_ref)):
-    assert _rel(a, b) < 1e-5
-  worst = max(_rel(a, b) for a, b in zip(jax.tree.leaves(grads),
-                                         jax.tree.leaves(grads_ref)))
-  assert worst < 1e-4, worst
+  for impl in ('im2col', 'im2col_grad'):
+    (_, out), grads = value_and_grad(impl)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_ref)):
+      assert _rel(a, b) < 1e-5, impl
+    worst = max(_rel(a, b) for a, b in zip(jax.tree.leaves(grads),
+                                           jax.tree.leaves(grads_ref)))
+    assert worst < 1e-4, (impl, worst)
