@@ -19,6 +19,7 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from spinenet_jax import distributed  # noqa: E402  # Starts no backend.
+from spinenet_jax import host_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 CACHE_MAX_BYTES = 4 << 30  # Least recently used entries go beyond this.
@@ -56,6 +57,8 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before the backend starts: its threads must share glibc's main arena.
+  host_memory.keep_freed_memory()
   if FLAGS.num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
   initialize_distributed()

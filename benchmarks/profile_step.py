@@ -112,6 +112,8 @@ def main() -> None:
                  help='A training config file (e.g. configs/demo.py): '
                       'profile its train step instead of --case.')
   args = p.parse_args()
+  from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_freed_memory()  # As train.py does.
   if args.config:
     from spinenet_jax import draw  # pylint: disable=g-import-not-at-top
     config = draw.load_config(args.config)

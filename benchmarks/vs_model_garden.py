@@ -26,7 +26,9 @@ ground truth: ours is `train_lib.make_train_step` on the COCO recipe
 Model Garden's is its RetinaNet task's loss (`FocalLoss` + `Huber`, each /
 (positives + 1)) with L2 kernel regularisers and SGD momentum in a
 `tf.function`, on targets assigned beforehand (its input pipeline's job, so
-not timed). Stochastic depth is off on both sides.
+not timed). Stochastic depth is off on both sides. Our worker keeps the host
+memory XLA frees, as `train.py` does (`spinenet_jax.host_memory`;
+`--keep_freed_memory=0` leaves glibc's defaults).
 """
 
 from __future__ import annotations
@@ -140,8 +142,11 @@ def config_program(kind: str, config):
   return step, (state, data), lambda out, args: (out[0], args[1])
 
 
-def _ours(case: str, conv_impl: str):
+def _ours(case: str, conv_impl: str, keep_freed_memory: bool = True):
   import jax  # pylint: disable=g-import-not-at-top
+  from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
+  if keep_freed_memory:  # As train.py does, before the backend starts.
+    host_memory.keep_freed_memory()
   fn, args, advance = ours_program(case, conv_impl)
   holder = [args]
 
@@ -254,8 +259,8 @@ def _model_garden(case: str, targets_path: str | None):
 
 
 def _worker(side: str, case: str, iters: int, targets: str | None,
-            conv_impl: str) -> None:
-  run = (_ours(case, conv_impl) if side == 'ours'
+            conv_impl: str, keep_freed_memory: bool) -> None:
+  run = (_ours(case, conv_impl, keep_freed_memory) if side == 'ours'
          else _model_garden(case, targets))
   t = time.perf_counter()
   run()
@@ -270,10 +275,11 @@ def _worker(side: str, case: str, iters: int, targets: str | None,
 
 
 def _spawn(side: str, case: str, iters: int, targets: str,
-           conv_impl: str) -> dict:
+           conv_impl: str, keep_freed_memory: bool) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
          f'--cases={case}', f'--iters={iters}', f'--targets={targets}',
-         f'--conv_impl={conv_impl}']
+         f'--conv_impl={conv_impl}',
+         f'--keep_freed_memory={int(keep_freed_memory)}']
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                         check=False)
@@ -293,13 +299,17 @@ def main() -> None:
   p.add_argument('--targets', default=None, help='(worker) targets .npz')
   p.add_argument('--conv_impl', default='auto',
                  help="Our kxk convolution lowering (config.model.conv_impl).")
+  p.add_argument('--keep_freed_memory', type=int, default=1,
+                 help='1: our side keeps freed host memory as train.py does '
+                 '(spinenet_jax.host_memory); 0: glibc defaults.')
   p.add_argument('--sides', default='ours,mg',
                  help="'ours,mg', or one side (e.g. to compare --conv_impl).")
   args = p.parse_args()
   cases = args.cases.split(',')
   sides = tuple(args.sides.split(','))
   if args.worker:
-    _worker(args.worker, cases[0], args.iters, args.targets, args.conv_impl)
+    _worker(args.worker, cases[0], args.iters, args.targets, args.conv_impl,
+            bool(args.keep_freed_memory))
     return
   tmp = tempfile.mkdtemp(prefix='vs_mg_')
   targets = {}
@@ -313,7 +323,8 @@ def main() -> None:
   for r in range(args.rounds):
     for case in cases:
       for side in (sides if r % 2 == 0 else sides[::-1]):
-        res = _spawn(side, case, args.iters, targets[case], args.conv_impl)
+        res = _spawn(side, case, args.iters, targets[case], args.conv_impl,
+                     bool(args.keep_freed_memory))
         results[case, side].append(res)
         print(f'round {r} {case:10s} {side:4s} median '
               f'{statistics.median(res["times"]):7.3f} s  first '
