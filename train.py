@@ -38,6 +38,11 @@ flags.DEFINE_string(
     'Persistent XLA compilation cache: a rerun or resume with the same '
     'model, shapes and devices skips compiling. Empty: off. The '
     'JAX_COMPILATION_CACHE_DIR environment variable wins.')
+flags.DEFINE_bool(
+    'keep_freed_memory', True,
+    'Linux (glibc): keep the host memory XLA frees for the next step instead '
+    'of having the kernel map and zero it again at every step '
+    '(spinenet_jax/host_memory.py). The process holds its peak heap.')
 flags.DEFINE_integer('num_cpu_devices', None,
                      'Simulate this many CPU devices (testing).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -57,8 +62,9 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Before the backend starts: its threads must share glibc's main arena.
-  host_memory.keep_freed_memory()
+  if FLAGS.keep_freed_memory:
+    # Before the backend starts: its threads must share glibc's main arena.
+    host_memory.keep_freed_memory()
   if FLAGS.num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
   initialize_distributed()
