@@ -37,8 +37,12 @@ def _faults_per_call(mode: str) -> float:
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc',
                     reason='keep_freed_memory tunes glibc malloc only')
 def test_freed_buffers_are_reused_instead_of_faulted_in_again():
-  default, keep = _faults_per_call('default'), _faults_per_call('keep')
-  # 64 MiB is 16,384 pages of 4 KiB: glibc's defaults fault them all in.
-  assert default > 8000, default
+  default = _faults_per_call('default')
+  # 64 MiB is 16,384 pages of 4 KiB: glibc's defaults fault them all in,
+  # unless transparent huge pages back every fresh mapping.
+  if default < 8000:
+    pytest.skip(f'{default} page faults per call with glibc defaults: huge '
+                'pages back fresh mappings here, nothing to compare')
+  keep = _faults_per_call('keep')
   assert keep < default / 20, (keep, default)
 
