@@ -142,7 +142,7 @@ def config_program(kind: str, config):
   return step, (state, data), lambda out, args: (out[0], args[1])
 
 
-def _ours(case: str, conv_impl: str, keep_freed_memory: bool = True):
+def _ours(case: str, conv_impl: str, keep_freed_memory: bool):
   import jax  # pylint: disable=g-import-not-at-top
   from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
   if keep_freed_memory:  # As train.py does, before the backend starts.

@@ -45,4 +45,3 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
                 'pages back fresh mappings here, nothing to compare')
   keep = _faults_per_call('keep')
   assert keep < default / 20, (keep, default)
-
