@@ -1,4 +1,5 @@
 """Detection tests: each JAX function against a plain NumPy version."""
+import functools
 import math
 
 import jax
@@ -227,15 +228,41 @@ def _check_assign(out, ref):
                              atol=1e-4)
 
 
-def test_assign_matches_numpy():
+@pytest.mark.parametrize('matcher', ['dense', 'scan'])
+def test_assign_matches_numpy(matcher):
   rng = np.random.default_rng(2)
   size = 128
   anchors = anchors_lib.multilevel_anchors(size)
   boxes, classes, crowd = _random_gt(rng, 4, 6, size)
-  fn = jax.jit(targets.assign)
+  fn = jax.jit(functools.partial(targets.assign, matcher=matcher))
   for b in range(4):
     out = fn(anchors, boxes[b], classes[b], crowd[b])
     _check_assign(out, np_assign(anchors, boxes[b], classes[b], crowd[b]))
+
+
+def test_assign_matchers_agree_on_ties():
+  """The CPU scan and the dense matrix label identically, ties included:
+  duplicate boxes (an anchor's best IoU reached by two rows: the first row
+  wins) and boxes whose best anchor is shared."""
+  rng = np.random.default_rng(5)
+  anchors = anchors_lib.multilevel_anchors(128)
+  boxes, classes, crowd = _random_gt(rng, 3, 12, 128)
+  classes[classes > 0] = 9
+  boxes[:, 1] = boxes[:, 0]  # a duplicate of row 0 with another class
+  classes[:, :2] = [[3, 4]]
+  boxes[:, 2] = anchors[100]  # exactly an anchor: IoU 1
+  classes[:, 2] = 5
+  crowd[:, :3] = False
+  dense, scan = (targets.assign_batch(anchors, boxes, classes, crowd,
+                                      matcher=m) for m in ('dense', 'scan'))
+  for key in dense:
+    np.testing.assert_array_equal(np.asarray(scan[key]),
+                                  np.asarray(dense[key]), err_msg=key)
+  cls_targets = np.asarray(dense['cls_targets'])
+  assert (cls_targets == 3).sum() > 0 and (cls_targets == 4).sum() == 0
+  assert (cls_targets[:, 100] == 5).all()
+  with pytest.raises(ValueError, match='matcher'):
+    targets.assign(anchors, boxes[0], classes[0], matcher='loop')
 
 
 def test_assign_ignore_band():
