@@ -21,7 +21,7 @@ where several boxes pick the same anchor, the lowest box index wins).
 On CPU the matching walks the ground-truth rows one at a time (a `scan`
 carrying each anchor's best IoU so far), never materialising the [N, M] IoU
 matrix: XLA:CPU reduces that matrix over its short axis with scalar loops
-(86-94 ms for 76,725 anchors x 100 rows x 2 images at 640 px, against
+(86-100 ms for 76,725 anchors x 100 rows x 2 images at 640 px, against
 13-22 ms for the scan; benchmarks/README.md). Accelerators keep the dense
 matrix. Both give the same labels exactly (tests/test_detection.py).
 
