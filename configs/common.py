@@ -80,6 +80,10 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       # im2col matmuls), 'xla', 'im2col' or 'im2col_grad'
       # (spinenet_jax/conv_impl.py).
       conv_impl='auto',
+      # How training-mode batch norm is differentiated: 'auto' (on CPU its
+      # gradient written out, elsewhere JAX's), 'flax' or 'fused'
+      # (spinenet_jax/norm_impl.py).
+      norm_impl='auto',
       # Rematerialisation: 'none', 'blocks' (each block recomputed in the
       # backward pass: less memory, about a third more compute) or 'full'
       # (the stem, resampling and endpoints too); spinenet_jax/remat.py.

@@ -26,6 +26,7 @@ from spinenet_jax import conv_impl
 from spinenet_jax import layers
 from spinenet_jax import models
 from spinenet_jax import nonfinite
+from spinenet_jax import norm_impl
 from spinenet_jax import remat
 from spinenet_jax import specs as specs_lib
 
@@ -165,6 +166,8 @@ def check_model(config: ml_collections.ConfigDict) -> int:
             'activation')
   _one_of('model.conv_impl', m.get('conv_impl', 'auto'), conv_impl.CHOICES,
           'convolution lowering')
+  _one_of('model.norm_impl', m.get('norm_impl', 'auto'), norm_impl.CHOICES,
+          'batch-norm gradient')
   _one_of('model.remat', m.get('remat', 'none'), remat.MODES,
           'rematerialisation mode')
   _check_number('model.stochastic_depth_rate',

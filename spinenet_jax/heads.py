@@ -73,6 +73,7 @@ class RetinaNetHead(nn.Module):
   # Garden's `use_separable_conv` (SpineNet-Mobile).
   use_separable_conv: bool = False
   conv_impl: str = 'auto'  # How the convs are lowered (`conv_impl.py`).
+  norm_impl: str = 'auto'  # How batch norm is differentiated (`norm_impl.py`).
 
   def _conv(self, features: int, kernel_init: Callable, bias_init: Callable,
             name: str) -> nn.Module:
@@ -100,7 +101,8 @@ class RetinaNetHead(nn.Module):
     each = _shared_over_levels if train and sharded else _each_level
     for i, conv in enumerate(convs):
       xs = [act(layers.BatchNorm(self.bn_momentum, self.bn_epsilon,
-                                 self.dtype, name=f'{name}_norm{level}_{i}')(
+                                 self.dtype, impl=self.norm_impl,
+                                 name=f'{name}_norm{level}_{i}')(
                                      y, train))
             for level, y in zip(levels, each(conv, xs))]
     return {level: y.astype(jnp.float32)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from spinenet_jax import conv_impl
+from spinenet_jax import norm_impl
 
 Dtype = Any
 ModuleDef = Any  # A Module class or a functools.partial of one.
@@ -163,18 +164,23 @@ class DepthwiseConv(nn.Module):
 
 
 class BatchNorm(nn.Module):
-  """Batch norm with Model Garden defaults; statistics kept in float32."""
+  """Batch norm with Model Garden defaults; statistics kept in float32.
+
+  In training, `impl` picks how its gradient is computed (`norm_impl.py`:
+  on CPU 'auto' writes it out); the variables are flax's either way."""
   momentum: float = 0.99
   epsilon: float = 1e-3
   dtype: Dtype = jnp.float32
   scale_init: Callable = nn.initializers.ones
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=self.momentum,
-        epsilon=self.epsilon, dtype=self.dtype, param_dtype=jnp.float32,
-        scale_init=self.scale_init, name='bn')(x)
+    kw = dict(momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
+              param_dtype=jnp.float32, scale_init=self.scale_init, name='bn')
+    if train and norm_impl.resolve(self.impl) == 'fused':
+      return norm_impl.FusedBatchNorm(**kw)(x)
+    return nn.BatchNorm(use_running_average=not train, **kw)(x)
 
 
 class LayerDefs(NamedTuple):
@@ -190,13 +196,15 @@ class LayerDefs(NamedTuple):
 def layer_defs(activation: str, dtype: Dtype = jnp.float32,
                bn_momentum: float = 0.99,
                bn_epsilon: float = 1e-3,
-               conv_impl: str = 'auto') -> LayerDefs:
-  """The `LayerDefs` of a network in `dtype` with these batch norm settings
-  and kxk convolutions lowered by `conv_impl` (see `Conv`)."""
+               conv_impl: str = 'auto',
+               norm_impl: str = 'auto') -> LayerDefs:
+  """The `LayerDefs` of a network in `dtype` with these batch norm settings,
+  kxk convolutions lowered by `conv_impl` (see `Conv`) and batch norm
+  differentiated by `norm_impl` (see `BatchNorm`)."""
   return LayerDefs(
       activation, functools.partial(Conv, dtype=dtype, impl=conv_impl),
       functools.partial(BatchNorm, momentum=bn_momentum, epsilon=bn_epsilon,
-                        dtype=dtype),
+                        dtype=dtype, impl=norm_impl),
       functools.partial(DepthwiseConv, dtype=dtype))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from spinenet_jax import conv_impl
 from spinenet_jax import heads
+from spinenet_jax import norm_impl
 from spinenet_jax import remat
 from spinenet_jax import specs as specs_lib
 from spinenet_jax.detection import anchors as anchors_lib
@@ -62,6 +63,10 @@ class _WithBackbone(nn.Module):
   # How kxk convolutions are lowered: 'auto' (im2col matmuls for small maps
   # on CPU, XLA's convolution otherwise), 'xla' or 'im2col' (`conv_impl.py`).
   conv_impl: str = 'auto'
+  # How training-mode batch norm is differentiated: 'auto' (its gradient
+  # written out on CPU, JAX's derivation elsewhere), 'flax' or 'fused'
+  # (`norm_impl.py`).
+  norm_impl: str = 'auto'
   # What the backward pass recomputes instead of keeping: 'none', 'blocks'
   # or 'full' (`remat.MODES`); the results are the same.
   remat: str = 'none'
@@ -149,7 +154,7 @@ class RetinaNet(_WithBackbone):
             getattr(s, 'head_use_separable_conv', False)
             if self.head_use_separable_conv is None
             else self.head_use_separable_conv),
-        conv_impl=self.conv_impl, **kwargs)
+        conv_impl=self.conv_impl, norm_impl=self.norm_impl, **kwargs)
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False
@@ -214,5 +219,6 @@ def build_model(config: Any) -> RetinaNet | Classifier:
       kwargs[key] = tuple(kwargs[key])
   kwargs['dtype'] = get_dtype(config.get('dtype', 'float32'))
   conv_impl.check(kwargs.get('conv_impl', 'auto'))
+  norm_impl.check(kwargs.get('norm_impl', 'auto'))
   remat.check(kwargs.get('remat', 'none'))
   return cls(**kwargs)

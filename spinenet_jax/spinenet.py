@@ -62,6 +62,7 @@ class ScalePermutedNetwork(nn.Module):
   resize_fallback: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'  # How kxk convs are lowered (`conv_impl.py`).
+  norm_impl: str = 'auto'  # How batch norm is differentiated (`norm_impl.py`).
   remat: str = 'none'  # remat.MODES: what the backward recomputes.
 
   family = specs_lib.SPINENET  # Not a field: fixed per subclass.
@@ -103,7 +104,8 @@ class ScalePermutedNetwork(nn.Module):
     if not self.resize_fallback:
       check_input_size(x.shape, 2**top, f'SpineNet-{self.model_id}')
     defs = layers.layer_defs(self.setting('activation'), self.dtype,
-                             self.bn_momentum, self.bn_epsilon, self.conv_impl)
+                             self.bn_momentum, self.bn_epsilon, self.conv_impl,
+                             self.norm_impl)
     height, width = x.shape[1:3]
 
     remat.check(self.remat)
