@@ -15,9 +15,12 @@ ones (README, "The demo"):
   and only square anchors: every object's box is close to square.
 - Batch norm momentum 0.9, so that the running statistics used for
   evaluation follow the fast-changing weights.
-- Decoupled weight decay 0.05 on the conv kernels: the same AP50 on the
-  seed that already did well and +0.045 / +0.059 on the other two, so
-  every one of 3 seeds reaches AP50 >= 0.80 (0.818 / 0.846 / 0.818).
+- Decoupled weight decay on the conv kernels: at 0.05, the same AP50 on
+  the seed that already did well and +0.045 / +0.059 on the other two
+  (0.818 / 0.846 / 0.818). With batch norm's gradient written out on CPU
+  the float rounding changed and seed 0 fell to AP50 0.789; at 0.1, seeds
+  0 / 1 / 2 give AP50 0.836 / 0.805 / 0.833 (mean AP 0.572). The margin
+  over 0.80 is smaller than what rounding moves (README, "The demo").
 """
 
 import ml_collections
@@ -49,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 100
   c.optimizer.warmup_learning_rate = 0.0
   c.optimizer.schedule = 'cosine'
-  c.optimizer.weight_decay = 0.05  # times the learning rate, kernels only
+  c.optimizer.weight_decay = 0.1  # times the learning rate, kernels only
   c.optimizer.grad_clip_norm = 10.0
   c.log_every_steps = 100
   c.checkpoint_every_steps = 500  # Evaluation only at the end.
