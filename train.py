@@ -10,6 +10,11 @@ by themselves; elsewhere pass --coordinator_address=HOST:PORT
 
 import os
 
+from spinenet_jax import host_memory  # Imports neither JAX nor TensorFlow.
+
+if __name__ == '__main__':  # Before anything else: this may restart us.
+  host_memory.run_under_tcmalloc()
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # noqa: E402
@@ -19,7 +24,6 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from spinenet_jax import distributed  # noqa: E402  # Starts no backend.
-from spinenet_jax import host_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 CACHE_MAX_BYTES = 4 << 30  # Least recently used entries go beyond this.
@@ -42,7 +46,8 @@ flags.DEFINE_bool(
     'keep_freed_memory', True,
     'Linux (glibc): keep the host memory XLA frees for the next step instead '
     'of having the kernel map and zero it again at every step '
-    '(spinenet_jax/host_memory.py). The process holds its peak heap.')
+    '(spinenet_jax/host_memory.py). The process holds its peak heap. Has no '
+    'effect under tcmalloc (SPINENET_JAX_MALLOC, same file).')
 flags.DEFINE_integer('num_cpu_devices', None,
                      'Simulate this many CPU devices (testing).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -62,12 +67,13 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.keep_freed_memory:
-    # Before the backend starts: its threads must share glibc's main arena.
-    host_memory.keep_freed_memory()
+  # Before the backend starts: its threads must share glibc's main arena.
+  kept = FLAGS.keep_freed_memory and host_memory.keep_freed_memory()
   if FLAGS.num_cpu_devices:
     jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
   initialize_distributed()
+  if jax.process_index() == 0:
+    print(host_memory.describe(kept), flush=True)
   if FLAGS.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     if jax.config.jax_compilation_cache_max_size < 0:  # Unbounded by default.

@@ -113,7 +113,8 @@ def main() -> None:
                       'profile its train step instead of --case.')
   args = p.parse_args()
   from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.keep_freed_memory()  # As train.py does.
+  host_memory.run_under_tcmalloc()  # As train.py does: may restart us.
+  host_memory.keep_freed_memory()  # Under glibc, as train.py does.
   if args.config:
     from spinenet_jax import draw  # pylint: disable=g-import-not-at-top
     config = draw.load_config(args.config)

@@ -28,7 +28,10 @@ Model Garden's is its RetinaNet task's loss (`FocalLoss` + `Huber`, each /
 `tf.function`, on targets assigned beforehand (its input pipeline's job, so
 not timed). Stochastic depth is off on both sides. Our worker keeps the host
 memory XLA frees, as `train.py` does (`spinenet_jax.host_memory`;
-`--keep_freed_memory=0` leaves glibc's defaults).
+`--keep_freed_memory=0` leaves glibc's defaults), and runs under tcmalloc
+where the system has it, as `train.py` does (`--malloc`: auto, tcmalloc or
+glibc); Model Garden's worker runs under glibc's malloc, as its `train.py`
+does (`--mg_malloc=tcmalloc` preloads tcmalloc for it too).
 """
 
 from __future__ import annotations
@@ -271,18 +274,33 @@ def _worker(side: str, case: str, iters: int, targets: str | None,
     run()
     times.append(time.perf_counter() - t)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print('RESULT ' + json.dumps(dict(times=times, first=first, rss_mb=rss)))
+  from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
+  malloc = os.path.basename(host_memory.preloaded_allocator() or 'glibc')
+  print('RESULT ' + json.dumps(dict(times=times, first=first, rss_mb=rss,
+                                    malloc=malloc)))
+
+
+def _env(malloc: str) -> dict[str, str]:
+  """The environment of a worker whose malloc is `malloc` (auto: tcmalloc
+  where the system has it, as `train.py` does)."""
+  from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('LD_PRELOAD', None)
+  library = host_memory.find_tcmalloc() if malloc != 'glibc' else None
+  if malloc == 'tcmalloc' and library is None:
+    raise SystemExit('--malloc/--mg_malloc=tcmalloc: no tcmalloc library '
+                     'here (Debian/Ubuntu: apt install libtcmalloc-minimal4).')
+  return host_memory.tcmalloc_env(env, library) if library else env
 
 
 def _spawn(side: str, case: str, iters: int, targets: str,
-           conv_impl: str, keep_freed_memory: bool) -> dict:
+           conv_impl: str, keep_freed_memory: bool, malloc: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
          f'--cases={case}', f'--iters={iters}', f'--targets={targets}',
          f'--conv_impl={conv_impl}',
          f'--keep_freed_memory={int(keep_freed_memory)}']
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                        check=False)
+  proc = subprocess.run(cmd, capture_output=True, text=True,
+                        env=_env(malloc), check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
     raise RuntimeError(f'{side} {case} failed (exit {proc.returncode}):\n'
@@ -302,6 +320,13 @@ def main() -> None:
   p.add_argument('--keep_freed_memory', type=int, default=1,
                  help='1: our side keeps freed host memory as train.py does '
                  '(spinenet_jax.host_memory); 0: glibc defaults.')
+  p.add_argument('--malloc', default='auto',
+                 choices=('auto', 'tcmalloc', 'glibc'),
+                 help="Our side's malloc: auto (tcmalloc where the system has "
+                 'it, as train.py does), tcmalloc, glibc.')
+  p.add_argument('--mg_malloc', default='glibc',
+                 choices=('auto', 'tcmalloc', 'glibc'),
+                 help="Model Garden's malloc (glibc: as its train.py runs).")
   p.add_argument('--sides', default='ours,mg',
                  help="'ours,mg', or one side (e.g. to compare --conv_impl).")
   args = p.parse_args()
@@ -324,12 +349,13 @@ def main() -> None:
     for case in cases:
       for side in (sides if r % 2 == 0 else sides[::-1]):
         res = _spawn(side, case, args.iters, targets[case], args.conv_impl,
-                     bool(args.keep_freed_memory))
+                     bool(args.keep_freed_memory),
+                     args.malloc if side == 'ours' else args.mg_malloc)
         results[case, side].append(res)
         print(f'round {r} {case:10s} {side:4s} median '
               f'{statistics.median(res["times"]):7.3f} s  first '
-              f'{res["first"]:6.1f} s  peak RSS {res["rss_mb"]:6.0f} MB',
-              flush=True)
+              f'{res["first"]:6.1f} s  peak RSS {res["rss_mb"]:6.0f} MB  '
+              f'malloc {res["malloc"]}', flush=True)
   print(f'\nload average at end: {os.getloadavg()}')
   if len(sides) < 2:
     return
