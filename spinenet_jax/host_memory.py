@@ -27,7 +27,8 @@ the step's 12,000 scratch buffers of 32 KiB-1 MiB (YNNPACK's, for the
 matmuls) walked a sorted list of them (`_int_malloc`, 3% of the CPU time).
 `run_under_tcmalloc()` starts the program again with gperftools' tcmalloc
 preloaded where the system has it (`apt install libtcmalloc-minimal4`):
-training steps 5-15% faster (benchmarks/README.md, "tcmalloc"). The
+SpineNet-49's COCO training steps 5-15% faster, the demo 27% (benchmarks/
+README.md, "tcmalloc"). The
 `SPINENET_JAX_MALLOC` environment variable picks: 'auto' (default: tcmalloc
 if found), 'tcmalloc' (required), 'glibc' (never).
 """
@@ -108,9 +109,9 @@ def tcmalloc_env(env: dict[str, str], library: str) -> dict[str, str]:
           env.get('TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD', str(1 << 40))})
 
 
-def choice(env: dict[str, str] | None = None) -> str:
-  """`SPINENET_JAX_MALLOC` from `env` (default os.environ), checked."""
-  value = (os.environ if env is None else env).get(ENV, 'auto') or 'auto'
+def choice() -> str:
+  """The `SPINENET_JAX_MALLOC` environment variable, checked."""
+  value = os.environ.get(ENV, 'auto') or 'auto'
   if value not in CHOICES:
     raise ValueError(f'{ENV}={value!r}: expected one of {CHOICES}.')
   return value
@@ -122,7 +123,7 @@ def run_under_tcmalloc(argv: list[str] | None = None) -> None:
   Does nothing where `SPINENET_JAX_MALLOC` is 'glibc', where another malloc
   is already loaded, after one restart, or (with 'auto') where the system
   has no tcmalloc; with 'tcmalloc' that last case raises. Otherwise it
-  replaces the process (`os.execv`) with the same interpreter and `argv`
+  replaces the process (`os.execve`) with the same interpreter and `argv`
   (default: this process's command line): call it first, before anything
   worth keeping happens, as `train.py` does.
   """
@@ -154,6 +155,6 @@ def describe(kept: bool = False) -> str:
     return f'Host memory: {os.path.basename(other)}.'
   line = 'Host memory: glibc malloc' + (', freed memory kept' if kept else '')
   if sys.platform.startswith('linux') and choice() != 'glibc':
-    line += ('; with tcmalloc, CPU training steps run 5-15% faster (apt '
-             'install libtcmalloc-minimal4; spinenet_jax/host_memory.py)')
+    line += ('; under tcmalloc CPU training runs 5-27% faster (apt install '
+             'libtcmalloc-minimal4; spinenet_jax/host_memory.py)')
   return line + '.'
