@@ -27,8 +27,9 @@ the step's 12,000 scratch buffers of 32 KiB-1 MiB (YNNPACK's, for the
 matmuls) walked a sorted list of them (`_int_malloc`, 3% of the CPU time).
 `run_under_tcmalloc()` starts the program again with gperftools' tcmalloc
 preloaded where the system has it (`apt install libtcmalloc-minimal4`):
-SpineNet-49's COCO training steps 5-15% faster, the demo 27% (benchmarks/
-README.md, "tcmalloc"). The
+SpineNet-49's COCO training steps 5-15% faster, and the demo's step at
+106-108 ms where glibc gave 109-191 ms, depending on how its heap happened
+to fragment (benchmarks/README.md, "tcmalloc"). The
 `SPINENET_JAX_MALLOC` environment variable picks: 'auto' (default: tcmalloc
 if found), 'tcmalloc' (required), 'glibc' (never).
 """
@@ -155,6 +156,6 @@ def describe(kept: bool = False) -> str:
     return f'Host memory: {os.path.basename(other)}.'
   line = 'Host memory: glibc malloc' + (', freed memory kept' if kept else '')
   if sys.platform.startswith('linux') and choice() != 'glibc':
-    line += ('; under tcmalloc CPU training runs 5-27% faster (apt install '
+    line += ('; under tcmalloc CPU training runs 5-30% faster (apt install '
              'libtcmalloc-minimal4; spinenet_jax/host_memory.py)')
   return line + '.'
