@@ -48,6 +48,8 @@ import time
 
 import numpy as np
 
+from spinenet_jax import host_memory  # Imports neither JAX nor TensorFlow.
+
 CASES = ('forward640', 'infer640', 'train256', 'train640')
 NUM_CLASSES = 91
 BOX_LOSS_WEIGHT, ALPHA, GAMMA, DELTA = 50.0, 0.25, 1.5, 0.1
@@ -147,7 +149,6 @@ def config_program(kind: str, config):
 
 def _ours(case: str, conv_impl: str, keep_freed_memory: bool):
   import jax  # pylint: disable=g-import-not-at-top
-  from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
   if keep_freed_memory:  # As train.py does, before the backend starts.
     host_memory.keep_freed_memory()
   fn, args, advance = ours_program(case, conv_impl)
@@ -274,7 +275,6 @@ def _worker(side: str, case: str, iters: int, targets: str | None,
     run()
     times.append(time.perf_counter() - t)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
   malloc = os.path.basename(host_memory.preloaded_allocator() or 'glibc')
   print('RESULT ' + json.dumps(dict(times=times, first=first, rss_mb=rss,
                                     malloc=malloc)))
@@ -283,7 +283,6 @@ def _worker(side: str, case: str, iters: int, targets: str | None,
 def _env(malloc: str) -> dict[str, str]:
   """The environment of a worker whose malloc is `malloc` (auto: tcmalloc
   where the system has it, as `train.py` does)."""
-  from spinenet_jax import host_memory  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('LD_PRELOAD', None)
   library = host_memory.find_tcmalloc() if malloc != 'glibc' else None
@@ -321,11 +320,11 @@ def main() -> None:
                  help='1: our side keeps freed host memory as train.py does '
                  '(spinenet_jax.host_memory); 0: glibc defaults.')
   p.add_argument('--malloc', default='auto',
-                 choices=('auto', 'tcmalloc', 'glibc'),
+                 choices=host_memory.CHOICES,
                  help="Our side's malloc: auto (tcmalloc where the system has "
                  'it, as train.py does), tcmalloc, glibc.')
   p.add_argument('--mg_malloc', default='glibc',
-                 choices=('auto', 'tcmalloc', 'glibc'),
+                 choices=host_memory.CHOICES,
                  help="Model Garden's malloc (glibc: as its train.py runs).")
   p.add_argument('--sides', default='ours,mg',
                  help="'ours,mg', or one side (e.g. to compare --conv_impl).")
