@@ -280,26 +280,17 @@ def _worker(side: str, case: str, iters: int, targets: str | None,
                                     malloc=malloc)))
 
 
-def _env(malloc: str) -> dict[str, str]:
-  """The environment of a worker whose malloc is `malloc` (auto: tcmalloc
-  where the system has it, as `train.py` does)."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('LD_PRELOAD', None)
-  library = host_memory.find_tcmalloc() if malloc != 'glibc' else None
-  if malloc == 'tcmalloc' and library is None:
-    raise SystemExit('--malloc/--mg_malloc=tcmalloc: no tcmalloc library '
-                     'here (Debian/Ubuntu: apt install libtcmalloc-minimal4).')
-  return host_memory.tcmalloc_env(env, library) if library else env
-
-
 def _spawn(side: str, case: str, iters: int, targets: str,
            conv_impl: str, keep_freed_memory: bool, malloc: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}',
          f'--cases={case}', f'--iters={iters}', f'--targets={targets}',
          f'--conv_impl={conv_impl}',
          f'--keep_freed_memory={int(keep_freed_memory)}']
-  proc = subprocess.run(cmd, capture_output=True, text=True,
-                        env=_env(malloc), check=False)
+  # The worker picks its malloc as train.py does (host_memory.ENV).
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', **{host_memory.ENV: malloc})
+  env.pop('LD_PRELOAD', None)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                        check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
     raise RuntimeError(f'{side} {case} failed (exit {proc.returncode}):\n'
@@ -332,6 +323,7 @@ def main() -> None:
   cases = args.cases.split(',')
   sides = tuple(args.sides.split(','))
   if args.worker:
+    host_memory.run_under_tcmalloc()  # Per --malloc / --mg_malloc.
     _worker(args.worker, cases[0], args.iters, args.targets, args.conv_impl,
             bool(args.keep_freed_memory))
     return

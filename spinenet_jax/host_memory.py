@@ -100,7 +100,7 @@ def preloaded_allocator() -> str | None:
   return None
 
 
-def tcmalloc_env(env: dict[str, str], library: str) -> dict[str, str]:
+def _tcmalloc_env(env: dict[str, str], library: str) -> dict[str, str]:
   """`env` with `library` preloaded and tcmalloc's large-allocation report
   off (XLA's temporaries, 3.2 GiB at 640 px, would print one at every step
   until tcmalloc's threshold passes them)."""
@@ -140,7 +140,7 @@ def run_under_tcmalloc(argv: list[str] | None = None) -> None:
           f'Fedora: dnf install gperftools-libs) or set {ENV}=auto.')
     return
   argv = list(sys.orig_argv[1:] if argv is None else argv)
-  env = dict(tcmalloc_env(dict(os.environ), library), **{_REEXEC: '1'})
+  env = dict(_tcmalloc_env(dict(os.environ), library), **{_REEXEC: '1'})
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *argv], env)

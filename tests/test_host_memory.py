@@ -127,10 +127,13 @@ _RESTARTED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(host_memory.find_tcmalloc() is None,
-                    reason='no tcmalloc on this system (Debian/Ubuntu: apt '
-                    'install libtcmalloc-minimal4)')
-@pytest.mark.parametrize('mode', ['auto', 'glibc'])
+@pytest.mark.parametrize('mode', [
+    pytest.param('auto', marks=pytest.mark.skipif(
+        host_memory.find_tcmalloc() is None,
+        reason='no tcmalloc on this system (Debian/Ubuntu: apt install '
+        'libtcmalloc-minimal4)')),
+    'glibc',  # Needs no tcmalloc.
+])
 def test_a_real_restart_loads_tcmalloc(mode):
   env = {k: v for k, v in os.environ.items()
          if k not in ('LD_PRELOAD', 'SPINENET_JAX_MALLOC_REEXEC')}
