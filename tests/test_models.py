@@ -214,7 +214,8 @@ def test_classifier_any_size():
   assert out.shape == (2, 7) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 7, 9, 2), (2, 6, 5, 1)])
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 7, 9, 2), (2, 6, 5, 1),
+                                   (3, 11, 10, 4), (1, 2, 3, 2)])
 def test_max_pool_gradient_matches_xla(shape):
   from flax import linen as nn
   from spinenet_jax import resample
