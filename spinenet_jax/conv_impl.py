@@ -12,10 +12,15 @@ concatenated on the channel axis and multiplied by the kernel reshaped to
 [k*k*C_in, C_out]; its gradients are matmuls too. On larger maps XLA's
 convolution and input gradient are fast, but its kernel gradient is not
 (16-22 GMAC/s for the RetinaNet head's convolutions at 640 px, a third of an
-im2col matmul's speed); from 128 input channels on, 'im2col_grad' keeps
-XLA's convolution and computes the kernel gradient as that matmul
-(`conv_im2col_grad`). Narrow convolutions, and every convolution on GPU/TPU,
-keep XLA's own: there im2col is slower and compiles more slowly.
+im2col matmul's speed); from 128 input channels on, and for the 7x7 stem
+on large inputs (whose kernel gradient XLA runs on one thread),
+'im2col_grad' keeps XLA's convolution and computes the kernel gradient as
+that matmul (`conv_im2col_grad`). Its patches are built channel-major,
+from x transposed once, as the matmul needs them: built pixel-major, XLA
+would copy all k*k times more values into that layout (SpineNet-49's
+training step at 640 px: 3.46 -> 3.24 s). Narrow 3x3 convolutions, and
+every convolution on GPU/TPU, keep XLA's own: there im2col is slower and
+compiles more slowly.
 
 Every matmul of a convolution, 1x1 ones included, has its gradients written
 out (`matmul`): JAX derives the same two matmuls, but the order of its
@@ -54,6 +59,14 @@ IM2COL_MIN_CHANNELS = 256
 # as an im2col matmul (2x faster at 256 channels, 3.5x for the class
 # predictor's 819 outputs, 1.3x at 128; 2x slower at 64).
 GRAD_MIN_CHANNELS = 128
+# So does the 7x7 stem (kernels of at least GRAD_MIN_KERNEL) on inputs of at
+# least GRAD_MIN_PIXELS (batch x height x width): XLA:CPU runs its kernel
+# gradient on one thread, and it slows down faster than the pixels grow
+# (batch 2: 4.4 / 14.0 / 36.6 / 66 ms at 256 / 384 / 512 / 640 px, as the
+# matmul 4.8 / 8.6 / 16.6 / 27 ms). Below (the demo's 4 x 256 px) the
+# matmul was no faster in the step.
+GRAD_MIN_KERNEL = 7
+GRAD_MIN_PIXELS = 2 * 384 * 384
 
 
 def check(impl: str) -> str:
@@ -72,22 +85,34 @@ def resolve(impl: str, shape: Sequence[int], kernel_size: int) -> str:
     return 'xla'
   if kernel_size == 1:
     return 'im2col'
-  h, w, c = shape[1:]
+  b, h, w, c = shape
   tiny = h < kernel_size or w < kernel_size
   wide = h * w <= IM2COL_MAX_PIXELS and c >= IM2COL_MIN_CHANNELS
   if tiny or wide:
     return 'im2col'
-  return 'im2col_grad' if c >= GRAD_MIN_CHANNELS else 'xla'
+  stem = kernel_size >= GRAD_MIN_KERNEL and b * h * w >= GRAD_MIN_PIXELS
+  return 'im2col_grad' if c >= GRAD_MIN_CHANNELS or stem else 'xla'
 
 
-def _views(x: jax.Array, k: int, s: int) -> list[jax.Array]:
-  """The k*k shifted, strided views of x padded as TF 'SAME' pads it."""
-  h, w = x.shape[1:3]
+def _views(x: jax.Array, k: int, s: int, axes: str = 'NHWC'
+           ) -> list[jax.Array]:
+  """The k*k shifted, strided views of x padded as TF 'SAME' pads it; x's
+  dimensions are in the order `axes` ('NHWC' or 'CNHW')."""
+  hi, wi = axes.index('H'), axes.index('W')
+  h, w = x.shape[hi], x.shape[wi]
   (pt, pb), (pl, pr) = jax.lax.padtype_to_pads((h, w), (k, k), (s, s), 'SAME')
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  pads = [(0, 0)] * 4
+  pads[hi], pads[wi] = (pt, pb), (pl, pr)
+  xp = jnp.pad(x, pads)
   ho, wo = -(-h // s), -(-w // s)
-  return [xp[:, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s, :]
-          for i in range(k) for j in range(k)]
+  views = []
+  for i in range(k):
+    for j in range(k):
+      index = [slice(None)] * 4
+      index[hi] = slice(i, i + (ho - 1) * s + 1, s)
+      index[wi] = slice(j, j + (wo - 1) * s + 1, s)
+      views.append(xp[tuple(index)])
+  return views
 
 
 @jax.custom_vjp
@@ -132,12 +157,22 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def _im2col_t(x: jax.Array, k: int, s: int) -> jax.Array:
+  """The patches of `x` channel-major: [k*k*C, B*H/s*W/s], rows in the
+  order of an HWIO kernel's (i, j, c). Built from x transposed once to
+  [C, B, H, W], so that the kernel gradient's matmul needs no transposed
+  copy of the k*k times larger patches."""
+  views = _views(jnp.transpose(x, (3, 0, 1, 2)), k, s, axes='CNHW')
+  return jnp.stack(views).reshape(k * k * x.shape[3], -1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_im2col_grad(x: jax.Array, kernel: jax.Array,
                      strides: int) -> jax.Array:
   """XLA's convolution and input gradient, with the kernel gradient as
-  one matmul of the im2col patches and the output gradient (XLA:CPU runs
-  wide kernel gradients at a third of a matmul's speed or less)."""
+  one matmul of the channel-major im2col patches and the output gradient
+  (XLA:CPU runs wide kernel gradients at a third of a matmul's speed or
+  less, and the stem's on one thread)."""
   return _xla_conv(x, kernel, strides)
 
 
@@ -149,8 +184,8 @@ def _conv_im2col_grad_bwd(strides, res, dy):
   x, kernel = res
   _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, strides), x)
   with jax.named_scope('im2col'):
-    patches = _im2col(x, kernel.shape[0], strides)
-    dk = jnp.einsum('bhwc,bhwd->cd', patches, dy)
+    patches = _im2col_t(x, kernel.shape[0], strides)
+    dk = patches @ dy.reshape(-1, dy.shape[-1])
   return input_vjp(dy)[0], dk.reshape(kernel.shape)
 
 
