@@ -61,14 +61,15 @@ IM2COL_MIN_CHANNELS = 256
 # as an im2col matmul (2x faster at 256 channels, 3.5x for the class
 # predictor's 819 outputs, 1.3x at 128; 2x slower at 64).
 GRAD_MIN_CHANNELS = 128
-# So does the 7x7 stem (kernels of at least GRAD_MIN_KERNEL) on inputs of at
-# least GRAD_MIN_PIXELS (batch x height x width): XLA:CPU runs its kernel
-# gradient on one thread, and it slows down faster than the pixels grow
-# (batch 2: 4.4 / 14.0 / 36.6 / 66 ms at 256 / 384 / 512 / 640 px, as the
-# matmul 4.8 / 8.6 / 16.6 / 27 ms). Below (the demo's 4 x 256 px) the
-# matmul was no faster in the step.
+# So does the 7x7 stem (kernels of at least GRAD_MIN_KERNEL) on images of at
+# least GRAD_MIN_PIXELS (height x width): XLA:CPU runs its kernel gradient
+# on one thread, and it slows down faster than the pixels grow (batch 2:
+# 4.4 / 14.0 / 36.6 / 66 ms at 256 / 384 / 512 / 640 px, as the matmul
+# 4.8 / 8.6 / 16.6 / 27 ms). At 256 px (the demo's 4 images) the matmul was
+# no faster in the step. Per image, not per batch, so that the choice does
+# not change with the batch size or the mesh.
 GRAD_MIN_KERNEL = 7
-GRAD_MIN_PIXELS = 2 * 384 * 384
+GRAD_MIN_PIXELS = 384 * 384
 
 
 def check(impl: str) -> str:
@@ -87,12 +88,12 @@ def resolve(impl: str, shape: Sequence[int], kernel_size: int) -> str:
     return 'xla'
   if kernel_size == 1:
     return 'im2col'
-  b, h, w, c = shape
+  h, w, c = shape[1:]
   tiny = h < kernel_size or w < kernel_size
   wide = h * w <= IM2COL_MAX_PIXELS and c >= IM2COL_MIN_CHANNELS
   if tiny or wide:
     return 'im2col'
-  stem = kernel_size >= GRAD_MIN_KERNEL and b * h * w >= GRAD_MIN_PIXELS
+  stem = kernel_size >= GRAD_MIN_KERNEL and h * w >= GRAD_MIN_PIXELS
   return 'im2col_grad' if c >= GRAD_MIN_CHANNELS or stem else 'xla'
 
 
