@@ -42,9 +42,9 @@ def _max_pool_fwd(x):
   return y, (x, y)
 
 
-# Which window offsets (i, j) reach a padded input at (2a + p, 2b + q), for
-# each parity (p, q), and from which output: (i, j, di, dj) means output
-# (a - di, b - dj). Even positions are shared by two windows per axis.
+# Per axis, the window offsets that reach a padded input at 2a + p, for each
+# parity p, as (offset, d): the window of output a - d. Even positions are
+# shared by two windows per axis (offsets 0 and 2), odd ones by one.
 _TAPS = {p: tuple((i, di) for i, di in ((p, 0), (p + 2, 1)) if i < 3)
          for p in (0, 1)}
 
