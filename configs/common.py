@@ -77,7 +77,8 @@ def base_config(task: str, dataset: str) -> ml_collections.ConfigDict:
       bn_momentum=0.99, bn_epsilon=1e-3,
       # How convolutions are lowered: 'auto' (on CPU: 1x1 gradients written
       # out, im2col matmuls for small feature maps, wide kernel gradients as
-      # im2col matmuls), 'xla', 'im2col' or 'im2col_grad'
+      # im2col matmuls, wide 3x3 convolutions of large maps as Winograd
+      # matmuls), 'xla', 'im2col', 'im2col_grad' or 'winograd'
       # (spinenet_jax/conv_impl.py).
       conv_impl='auto',
       # How training-mode batch norm is differentiated: 'auto' (on CPU its

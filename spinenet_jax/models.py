@@ -60,8 +60,10 @@ class _WithBackbone(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
-  # How kxk convolutions are lowered: 'auto' (im2col matmuls for small maps
-  # on CPU, XLA's convolution otherwise), 'xla' or 'im2col' (`conv_impl.py`).
+  # How kxk convolutions are lowered: 'auto' (on CPU im2col matmuls for
+  # small maps, Winograd for wide 3x3 ones on large maps, XLA's convolution
+  # otherwise), 'xla', 'im2col', 'im2col_grad' or 'winograd'
+  # (`conv_impl.py`).
   conv_impl: str = 'auto'
   # How training-mode batch norm is differentiated: 'auto' (its gradient
   # written out on CPU, JAX's derivation elsewhere), 'flax' or 'fused'

@@ -10,6 +10,7 @@ import spinenet_jax as snj
 from spinenet_jax import conv_impl
 from spinenet_jax import layers
 from spinenet_jax import models
+from spinenet_jax import winograd
 from tests import tiny
 
 
@@ -18,7 +19,7 @@ def _rel(a, b) -> float:
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-@pytest.mark.parametrize('impl', ['im2col', 'im2col_grad'])
+@pytest.mark.parametrize('impl', ['im2col', 'im2col_grad', 'winograd'])
 @pytest.mark.parametrize('batch,h,w,cin,cout,k,s', [
     (2, 2, 2, 8, 5, 3, 1),     # map smaller than the kernel
     (1, 5, 7, 4, 6, 3, 2),     # odd sizes, strided: TF 'SAME' pads 0/1
@@ -26,6 +27,8 @@ def _rel(a, b) -> float:
     (1, 9, 4, 8, 8, 3, 1),
     (2, 1, 1, 6, 4, 3, 2),     # level 7 of a 128-pixel image
     (1, 6, 6, 4, 4, 5, 1),
+    (2, 9, 13, 16, 12, 3, 1),  # Winograd: neither side a multiple of 4
+    (1, 24, 20, 64, 40, 3, 1),
 ])
 def test_matmul_lowerings_match_xla(batch, h, w, cin, cout, k, s, impl):
   x = jax.random.normal(jax.random.key(0), (batch, h, w, cin))
@@ -43,6 +46,22 @@ def test_matmul_lowerings_match_xla(batch, h, w, cin, cout, k, s, impl):
   assert _rel(y, y_ref) < 1e-5
   for g, g_ref in zip(grads, grads_ref):
     assert _rel(g, g_ref) < 1e-4
+
+
+def test_winograd_transforms_compute_a_correlation():
+  """F(4, 3) in one dimension, in float64: AT [(G g) * (BT d)] gives the
+  4 outputs of the 3-tap correlation of the 6 samples d."""
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    d, g = rng.normal(size=6), rng.normal(size=3)
+    want = [d[i:i + 3] @ g for i in range(4)]
+    got = winograd.AT @ ((winograd.G @ g) * (winograd.BT @ d))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_winograd_rejects_other_kernels():
+  with pytest.raises(ValueError, match='3x3'):
+    winograd.conv(jnp.ones((1, 8, 8, 4)), jnp.ones((5, 5, 4, 4)))
 
 
 @pytest.mark.parametrize('shape,cout', [((2, 8, 8, 16), 64), ((1, 5, 3, 64), 16),
@@ -80,11 +99,11 @@ def test_auto_picks_by_backend_size_and_width():
   assert conv_impl.resolve('auto', (2, 64, 64, 16), 1) == 'im2col'  # 1x1
   assert conv_impl.resolve('xla', (2, 64, 64, 16), 1) == 'xla'
   assert conv_impl.resolve('auto', (2, 2, 2, 16), 3) == 'im2col'  # tiny map
-  assert conv_impl.resolve('auto', (2, 16, 16, 256), 3) == 'im2col'  # wide
-  # Larger maps: XLA's convolution, its kernel gradient an im2col matmul
-  # from 128 input channels on.
-  assert conv_impl.resolve('auto', (2, 16, 16, 128), 3) == 'im2col_grad'
-  assert conv_impl.resolve('auto', (2, 32, 32, 256), 3) == 'im2col_grad'
+  assert conv_impl.resolve('auto', (2, 8, 8, 256), 3) == 'im2col'  # wide
+  # Larger maps (when not Winograd's): XLA's convolution, its kernel
+  # gradient an im2col matmul from 128 input channels on.
+  assert conv_impl.resolve('auto', (2, 32, 32, 128), 3, 2) == 'im2col_grad'
+  assert conv_impl.resolve('auto', (2, 32, 32, 256), 3, 2) == 'im2col_grad'
   assert conv_impl.resolve('auto', (2, 32, 32, 64), 3) == 'xla'
   # The 7x7 stem's kernel gradient too, on images of 384 x 384 and more,
   # whatever the batch.
@@ -92,6 +111,18 @@ def test_auto_picks_by_backend_size_and_width():
   assert conv_impl.resolve('auto', (64, 256, 256, 3), 7) == 'xla'
   assert conv_impl.resolve('xla', (2, 2, 2, 256), 3) == 'xla'
   assert conv_impl.resolve('im2col', (2, 64, 64, 8), 3) == 'im2col'
+  # Winograd: 3x3, stride 1, maps from 16x16, 128 input channels on.
+  assert conv_impl.resolve('auto', (2, 80, 80, 256), 3) == 'winograd'
+  assert conv_impl.resolve('auto', (8, 16, 16, 128), 3) == 'winograd'
+  assert conv_impl.resolve('auto', (2, 80, 80, 256), 3, 2) == 'im2col_grad'
+  assert conv_impl.resolve('auto', (2, 12, 12, 256), 3) == 'im2col'
+  assert conv_impl.resolve('auto', (2, 160, 160, 64), 3) == 'xla'
+  # Forced, it takes every 3x3 stride-1 convolution and leaves the rest
+  # to 'auto'.
+  assert conv_impl.resolve('winograd', (2, 2, 2, 8), 3) == 'winograd'
+  assert conv_impl.resolve('winograd', (2, 2, 2, 8), 3, 2) == 'im2col'
+  assert conv_impl.resolve('winograd', (2, 64, 64, 3), 7, 2) == 'xla'
+  assert conv_impl.resolve('winograd', (2, 64, 64, 8), 1) == 'im2col'
 
 
 def test_unknown_conv_impl_is_a_config_error():
@@ -132,7 +163,7 @@ def test_model_outputs_and_gradients_agree_across_lowerings(model_id, specs):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
 
   (_, out_ref), grads_ref = value_and_grad('xla')
-  for impl in ('im2col', 'im2col_grad'):
+  for impl in ('im2col', 'im2col_grad', 'winograd'):
     (_, out), grads = value_and_grad(impl)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_ref)):
       assert _rel(a, b) < 1e-5, impl
