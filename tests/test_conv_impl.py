@@ -59,6 +59,19 @@ def test_winograd_transforms_compute_a_correlation():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
+def test_winograd_computes_bfloat16_in_float32():
+  x = jax.random.normal(jax.random.key(0), (1, 12, 12, 16))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 8))
+  want = conv_impl.conv(x, kernel, 1, 'xla')
+  bf16 = lambda a: a.astype(jnp.bfloat16)
+  got = winograd.conv(bf16(x), bf16(kernel))
+  assert got.dtype == jnp.bfloat16
+  # bfloat16's rounding of the inputs and the output (as XLA's convolution
+  # of the same inputs has it), not more from the transforms.
+  xla = conv_impl.conv(bf16(x), bf16(kernel), 1, 'xla')
+  assert _rel(got, want) <= 1.2 * _rel(xla, want)
+
+
 def test_winograd_rejects_other_kernels():
   with pytest.raises(ValueError, match='3x3'):
     winograd.conv(jnp.ones((1, 8, 8, 4)), jnp.ones((5, 5, 4, 4)))
