@@ -162,8 +162,8 @@ def export_model(run: inference.Run, request: Request):
   """The run's model in the request's dtype (float32 by default, whatever
   the training dtype). Its convolutions are XLA's (which the TFLite
   converter maps to its own conv ops, jax2onnx to ONNX Conv, and which
-  suit GPUs and TPUs) except in CPU-only jax artifacts, where im2col
-  matmuls are faster."""
+  suit GPUs and TPUs) except in CPU-only jax artifacts, where the CPU
+  lowerings (im2col and Winograd matmuls) are faster."""
   keep = request.format == 'jax' and request.platforms == ('cpu',)
   return run.model.clone(dtype=models.get_dtype(request.dtype),
                          conv_impl=run.model.conv_impl if keep else 'xla')

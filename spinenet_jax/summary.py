@@ -5,7 +5,10 @@
 MACs are counted from the model itself: the forward pass is traced to a jaxpr
 (no compilation) and every convolution and matmul in it contributes
 output elements x contraction size. Elementwise work (batch norm,
-activations, pooling) is not counted, as in the paper's FLOPs.
+activations, pooling) is not counted, as in the paper's FLOPs. The
+convolutions are traced as XLA's (`conv_impl='xla'`), whatever lowering the
+model runs: the count is the model's, not that of a lowering's algorithm
+(Winograd's matmuls do a quarter of a 3x3 convolution's multiply-adds).
 
 With --memory the COCO recipe's train step is also compiled (not run) for a
 per-device batch, compute dtype, rematerialisation and mesh, and its
@@ -17,6 +20,7 @@ per-device memory and collectives are printed (`step_audit.py`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any, Iterator, Sequence
@@ -66,6 +70,8 @@ def count_macs(jaxpr: Any) -> int:
 def summarize(model: nn.Module, image_size: int | tuple[int, int],
               batch_size: int = 1) -> dict[str, Any]:
   """Returns {'params', 'macs' (per image), 'outputs'} without running it."""
+  if 'conv_impl' in {f.name for f in dataclasses.fields(model)}:
+    model = model.clone(conv_impl='xla')
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
   images = jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.float32)
   variables = jax.eval_shape(
