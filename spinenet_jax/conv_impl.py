@@ -42,7 +42,7 @@ backend, kernel size, stride, map size and width; `config.model.conv_impl`
 convolution ('im2col' or 'im2col_grad' of a 1x1 kernel is `matmul`, 'xla'
 the einsum JAX differentiates; 'winograd' forces every 3x3 stride-1
 convolution and leaves the others to 'auto'). All give the same results up
-to float rounding (tests/test_conv_impl.py; Winograd's is the largest, 5e-6
+to float rounding (tests/test_conv_impl.py; Winograd's is the largest, 6e-6
 of the output's range at 256 channels against XLA's 6e-7).
 """
 

@@ -11,9 +11,9 @@ transforms' cost, which only pays on large maps of wide convolutions (the
 RetinaNet head at 640 px; benchmarks/README.md, "Winograd convolutions").
 
 The transforms are those of the Toom-Cook construction on the points
-0, 1, -1, 1/2, -2 and infinity. The usual 0, +-1, +-2 give 4x larger float
-rounding (1.5e-5 of the output's range at 256 channels, against 5e-6 here
-and 6e-7 for XLA's convolution).
+0, 1, -1, 1/2, -2 and infinity. The usual 0, +-1, +-2 give 3-4x larger
+float rounding (1.5-2e-5 of the output's range at 256 channels, against
+5-6e-6 here and 6e-7 for XLA's convolution).
 
 Every transform is a matmul with a constant matrix (`kron` of the 1-D
 transform with itself), so that XLA:CPU runs it in YNNPACK on every thread:
