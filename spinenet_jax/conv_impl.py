@@ -54,6 +54,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from spinenet_jax import windows
 from spinenet_jax import winograd
 
 IMPLS = ('xla', 'im2col', 'im2col_grad', 'winograd')
@@ -130,21 +131,9 @@ def _views(x: jax.Array, k: int, s: int, axes: str = 'NHWC'
            ) -> list[jax.Array]:
   """The k*k shifted, strided views of x padded as TF 'SAME' pads it; x's
   dimensions are in the order `axes` ('NHWC' or 'CNHW')."""
-  hi, wi = axes.index('H'), axes.index('W')
-  h, w = x.shape[hi], x.shape[wi]
-  (pt, pb), (pl, pr) = jax.lax.padtype_to_pads((h, w), (k, k), (s, s), 'SAME')
-  pads = [(0, 0)] * 4
-  pads[hi], pads[wi] = (pt, pb), (pl, pr)
-  xp = jnp.pad(x, pads)
-  ho, wo = -(-h // s), -(-w // s)
-  views = []
-  for i in range(k):
-    for j in range(k):
-      index = [slice(None)] * 4
-      index[hi] = slice(i, i + (ho - 1) * s + 1, s)
-      index[wi] = slice(j, j + (wo - 1) * s + 1, s)
-      views.append(xp[tuple(index)])
-  return views
+  size = (x.shape[axes.index('H')], x.shape[axes.index('W')])
+  pads = jax.lax.padtype_to_pads(size, (k, k), (s, s), 'SAME')
+  return windows.strided(x, k, s, pads, axes)
 
 
 @jax.custom_vjp

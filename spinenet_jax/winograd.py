@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spinenet_jax import windows
+
 M, R = 4, 3          # output tile, kernel size
 N = M + R - 1        # input tile
 # The 1-D transforms: y = AT [(G g) * (BT d)] for a 6-sample input d and a
@@ -65,19 +67,10 @@ def _tiles(x: jax.Array, axes: str) -> tuple[jax.Array, tuple[int, int]]:
   """The 6x6 input tiles of x (dimensions in the order `axes`, 'NHWC' or
   'CNHW') at stride 4, as the 36 strided views stacked first:
   [36, *x's other dims with H, W replaced by the tile grid]; and the grid."""
-  hi, wi = axes.index('H'), axes.index('W')
-  h, w = x.shape[hi], x.shape[wi]
+  h, w = x.shape[axes.index('H')], x.shape[axes.index('W')]
   th, tw = -(-h // M), -(-w // M)
-  pads = [(0, 0)] * 4
-  pads[hi], pads[wi] = (1, th * M + 1 - h), (1, tw * M + 1 - w)
-  xp = jnp.pad(x, pads)
-  views = []
-  for i in range(N):
-    for j in range(N):
-      index = [slice(None)] * 4
-      index[hi] = slice(i, i + (th - 1) * M + 1, M)
-      index[wi] = slice(j, j + (tw - 1) * M + 1, M)
-      views.append(xp[tuple(index)])
+  pads = ((1, th * M + 1 - h), (1, tw * M + 1 - w))
+  views = windows.strided(x, N, M, pads, axes)
   return jnp.stack(views), (th, tw)
 
 
